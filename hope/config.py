@@ -1,0 +1,241 @@
+"""HopeConfig: one configuration class for HOPE, its ablations and its baselines.
+
+The same code builds every model of HOPE_SPEC.md section 4; what differs is only this config:
+- HOPE:           mixer="titans", all five projection memories adaptive, DGD, self-generated
+                  targets, several CMS levels.
+- titans-lmm:     mixer="titans", adaptive=[], dgd=False, self_generated_targets=False,
+                  inner_momentum=True, one MLP level.
+- Transformer++:  mixer="attention", one MLP level (RoPE, SwiGLU, RMSNorm, causal attention).
+The open choices and their reasons are in docs/DESIGN_CHOICES.md.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import PretrainedConfig
+
+PROJECTION_MEMORIES = ("k", "v", "q", "eta", "alpha")
+MIXERS = ("titans", "attention")
+ACTIVATIONS = ("silu", "gelu", "tanh")
+
+
+class ModelConfigError(ValueError):
+    """A model configuration value is invalid. `key` names the field."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key, self.source = key, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}model.{key}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class HopeConfig(PretrainedConfig):
+    model_type = "hope"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        num_layers: int = 24,
+        num_heads: int = 16,
+        mixer: str = "titans",
+        # --- self-modifying Titans (HOPE_SPEC.md section 2) ---
+        memory_hidden_size: int | None = None,  # m, the inner width of every memory MLP; None = head dim
+        memory_activation: str = "silu",
+        adaptive: tuple[str, ...] | list[str] = PROJECTION_MEMORIES,  # which of k,v,q,eta,alpha are memories
+        self_generated_targets: bool = True,
+        dgd: bool = True,
+        inner_momentum: bool = True,
+        decay: bool = True,
+        chunk_size: int = 64,  # main memory
+        projection_chunk_size: int = 64,  # the k, v, q, eta, alpha memories
+        conv_size: int = 4,
+        normalize_v: bool = True,  # L2-normalise v per head, like q and k (keeps self-generated targets bounded)
+        eta_init: float = 0.1,  # initial inner learning rate (eta_max * sigmoid(bias))
+        eta_max: float = 1.0,
+        alpha_init: float = 0.98,  # initial retention (1 = no decay)
+        momentum_init: float = 0.9,
+        output_gate: bool = True,
+        # --- continuum memory system (section 3): one residual SwiGLU MLP per level ---
+        cms_hidden_sizes: tuple[int, ...] | list[int] = (2816,),
+        cms_periods: tuple[int, ...] | list[int] = (0,),  # tokens between updates; 0 = every step
+        # --- attention (Transformer++ baseline and Hope-Attention) ---
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 4096,
+        # --- common ---
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        gradient_checkpointing_layers: bool = False,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mixer = mixer
+        self.memory_hidden_size = memory_hidden_size
+        self.memory_activation = memory_activation
+        self.adaptive = list(adaptive)
+        self.self_generated_targets = self_generated_targets
+        self.dgd = dgd
+        self.inner_momentum = inner_momentum
+        self.decay = decay
+        self.chunk_size = chunk_size
+        self.projection_chunk_size = projection_chunk_size
+        self.conv_size = conv_size
+        self.normalize_v = normalize_v
+        self.eta_init = eta_init
+        self.eta_max = eta_max
+        self.alpha_init = alpha_init
+        self.momentum_init = momentum_init
+        self.output_gate = output_gate
+        self.cms_hidden_sizes = list(cms_hidden_sizes)
+        self.cms_periods = list(cms_periods)
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.gradient_checkpointing_layers = gradient_checkpointing_layers
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def memory_width(self) -> int:
+        return self.memory_hidden_size or self.head_dim
+
+    @property
+    def num_hidden_layers(self) -> int:  # the name transformers' utilities look for
+        return self.num_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.num_heads
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str | None = None) -> "HopeConfig":
+        def fail(key: str, message: str):
+            raise ModelConfigError(key, message, source)
+
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size",
+                    "projection_chunk_size", "conv_size", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not _is_int(value) or value <= 0:
+                fail(key, f"expected a positive integer, got {value!r}")
+        if self.mixer not in MIXERS:
+            fail("mixer", f"expected one of {list(MIXERS)}, got {self.mixer!r}")
+        if self.hidden_size % self.num_heads:
+            fail("num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
+        if self.memory_hidden_size is not None and (not _is_int(self.memory_hidden_size) or self.memory_hidden_size <= 0):
+            fail("memory_hidden_size", f"expected a positive integer or null, got {self.memory_hidden_size!r}")
+        if self.memory_activation not in ACTIVATIONS:
+            fail("memory_activation", f"expected one of {list(ACTIVATIONS)}, got {self.memory_activation!r}")
+        unknown = [a for a in self.adaptive if a not in PROJECTION_MEMORIES]
+        if unknown or len(set(self.adaptive)) != len(self.adaptive):
+            fail("adaptive", f"expected distinct names from {list(PROJECTION_MEMORIES)}, got {self.adaptive!r}")
+        big, small = max(self.chunk_size, self.projection_chunk_size), min(self.chunk_size, self.projection_chunk_size)
+        if big % small:
+            fail("projection_chunk_size", f"chunk sizes must divide each other, got chunk_size={self.chunk_size} "
+                 f"and projection_chunk_size={self.projection_chunk_size}")
+        for key in ("eta_init", "momentum_init"):
+            if not 0.0 < float(getattr(self, key)) < 1.0:
+                fail(key, f"expected a value in (0, 1), got {getattr(self, key)!r}")
+        if not 0.0 < float(self.alpha_init) < 1.0:
+            fail("alpha_init", f"expected a value in (0, 1), got {self.alpha_init!r}")
+        if not 0.0 < float(self.eta_max) <= 2.0:
+            fail("eta_max", f"expected a value in (0, 2] (the delta rule needs eta*|k|^2 <= 2), got {self.eta_max!r}")
+        if not self.cms_hidden_sizes:
+            fail("cms_hidden_sizes", "expected at least one level")
+        if len(self.cms_periods) != len(self.cms_hidden_sizes):
+            fail("cms_periods", f"expected one period per level ({len(self.cms_hidden_sizes)}), got {self.cms_periods!r}")
+        for i, (hidden, period) in enumerate(zip(self.cms_hidden_sizes, self.cms_periods)):
+            if not _is_int(hidden) or hidden <= 0:
+                fail(f"cms_hidden_sizes[{i}]", f"expected a positive integer, got {hidden!r}")
+            if not _is_int(period) or period < 0:
+                fail(f"cms_periods[{i}]", f"expected a non-negative integer (tokens), got {period!r}")
+        if list(self.cms_periods) != sorted(self.cms_periods):
+            fail("cms_periods", f"levels go fastest first (periods non-decreasing), got {self.cms_periods!r}")
+        if self.mixer == "attention" and self.head_dim % 2:
+            fail("num_heads", f"rotary embeddings need an even head dim, got {self.head_dim}")
+        return self
+
+    # ------------------------------------------------------------------ YAML
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "HopeConfig":
+        """Load configs/model/NAME.yaml; unknown keys and bad values name the file and key."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ModelConfigError("config", "file not found", str(path)) from None
+        except yaml.YAMLError as error:
+            raise ModelConfigError("config", f"not valid YAML: {error}", str(path)) from None
+        if not isinstance(data, dict):
+            raise ModelConfigError("config", f"expected a mapping of fields, got {type(data).__name__}", str(path))
+        data.update(overrides)
+        return cls.from_fields(data, source=str(path))
+
+    @classmethod
+    def from_fields(cls, fields: dict, source: str | None = None) -> "HopeConfig":
+        known = set(cls().to_dict()) | {"memory_hidden_size"}
+        for key in fields:
+            if key not in known:
+                raise ModelConfigError(key, "unknown key", source)
+        defaults = cls()
+        for key, value in fields.items():
+            default = getattr(defaults, key, None)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ModelConfigError(key, f"expected true or false, got {value!r}", source)
+            if isinstance(default, float) and not isinstance(value, (int, float)) or isinstance(value, bool) and isinstance(default, float):
+                raise ModelConfigError(key, f"expected a number, got {value!r}", source)
+            if isinstance(default, list) and not isinstance(value, (list, tuple)):
+                raise ModelConfigError(key, f"expected a list, got {value!r}", source)
+        return cls(**fields).validate(source)
+
+    # ------------------------------------------------------------------ FLOPs (docs/FLOPS.md)
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), memory updates included."""
+        return 3.0 * self.forward_flops_per_token(seq_len)
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        D, L, H = self.hidden_size, self.num_layers, self.num_heads
+        dh, m = self.head_dim, self.memory_width
+        dense = 2 * self.vocab_size * D  # LM head
+        dense += sum(2 * 3 * D * hidden for hidden in self.cms_hidden_sizes) * L
+        if self.mixer == "attention":
+            dense += L * 2 * 4 * D * D
+            # causal attention: QK^T and AV over on average seq_len/2 keys
+            mixing = L * 2 * 2 * D * (seq_len / 2)
+            return dense + mixing
+        dense += L * 2 * D * D * (5 + 1 + int(self.output_gate))  # 5 input projections, output, gate
+        n_adaptive = len(self.adaptive)
+        mem_mlp = 4 * m * dh  # one memory MLP evaluation on one vector: W2 z then W1 h
+        C = self.chunk_size
+        per_head = 0.0
+        # projection memories: output on their input, target M(v), prediction M(k), W1^T r, state update
+        per_head += n_adaptive * (3 * mem_mlp + 2 * m * dh + 4 * m * dh)
+        # main memory: target, prediction, W1^T r, state update, then the dual-form read-out:
+        per_head += 3 * mem_mlp + 2 * m * dh + 4 * m * dh
+        # q through the chunk-start states plus intra-chunk attention-like terms (C/2 keys on average,
+        # k.q and k.k Gram matrices, the triangular solve, E/U/R weighted sums)
+        per_head += 2 * 2 * m * dh + (C / 2) * 2 * (2 * dh + 4 * m + 2 * dh) + C * m
+        return dense + L * H * per_head

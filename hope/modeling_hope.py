@@ -1,0 +1,157 @@
+"""HopeForCausalLM: token embedding -> N x HopeBlock -> RMSNorm -> LM head (HOPE_SPEC.md section 1).
+
+    x = x + Mixer(norm(x))             # self-modifying Titans (HOPE) or attention (Transformer++)
+    for level in CMS levels:           # continuum memory system, fastest first
+        x = x + level(norm(x))
+
+A CMS level is a residual SwiGLU MLP whose parameters carry `update_period_tokens`: the outer
+optimizer updates them every that many training tokens (0 = every step). The model itself knows
+nothing of optimizers or distribution; the tag is read by train/optim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import HopeConfig
+from .layers import CausalSelfAttention, CausalDepthwiseConv, RMSNorm, SwiGLU
+from .titans import SelfModifyingTitans
+
+
+class HopeCache:
+    """Decoding state: one dict per layer (fast-weight memories and conv tails, or keys/values).
+
+    Its size does not grow with the context for HOPE: every new token costs the same.
+    """
+
+    def __init__(self, num_layers: int):
+        self.layers: list[dict] = [{} for _ in range(num_layers)]
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+
+class CMSLevel(nn.Module):
+    def __init__(self, config: HopeConfig, hidden: int, period_tokens: int):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, hidden)
+        for p in self.parameters():
+            p.update_period_tokens = period_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class HopeBlock(nn.Module):
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.mixer == "attention":
+            self.mixer = CausalSelfAttention(config.hidden_size, config.num_heads, config.rope_theta)
+        else:
+            self.mixer = SelfModifyingTitans(config)
+        self.cms = nn.ModuleList(
+            CMSLevel(config, hidden, period) for hidden, period in zip(config.cms_hidden_sizes, config.cms_periods)
+        )
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cache)
+        for level in self.cms:
+            x = level(x)
+        return x
+
+
+class HopePreTrainedModel(PreTrainedModel):
+    config_class = HopeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HopeBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, (RMSNorm, CausalDepthwiseConv, SelfModifyingTitans)):
+            module.reset_parameters()
+
+
+class HopeModel(HopePreTrainedModel):
+    def __init__(self, config: HopeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HopeBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = config.gradient_checkpointing_layers
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, cache: HopeCache | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x, layer_cache)
+        if cache is not None:
+            cache.seen_tokens += input_ids.shape[1]
+        return self.norm(x)
+
+
+class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HopeConfig):
+        super().__init__(config)
+        self.model = HopeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        past_key_values: HopeCache | None = None,
+        use_cache: bool | None = None,
+        shift_labels: bool = True,
+        logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal LM forward. `labels` follow the Hugging Face convention (aligned with input_ids,
+        shifted here) unless shift_labels=False, in which case labels[t] is the target of
+        position t (the trainer passes inputs s[:, :-1] and targets s[:, 1:])."""
+        if use_cache and past_key_values is None:
+            past_key_values = HopeCache(self.config.num_layers)
+        hidden = self.model(input_ids, past_key_values if use_cache or past_key_values is not None else None)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if shift_labels:
+                logits_for_loss, targets = logits[:, :-1], labels[:, 1:]
+            else:
+                logits_for_loss, targets = logits, labels
+            loss = F.cross_entropy(logits_for_loss.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)

@@ -1,0 +1,217 @@
+"""Self-modifying Titans: the fastest level of a HOPE block (HOPE_SPEC.md section 2).
+
+Per layer, five projection memories (k, v, q, eta, alpha; each adaptive or a static projection,
+by config) and the main memory, all residual MLPs per head whose meta-learned initial states are
+parameters. A sequence is processed in two chunked passes:
+1. the projection memories, chunk by chunk (projection_chunk_size): a chunk's k, v, q, eta, alpha
+   come from the chunk-start states, then every projection memory writes the chunk;
+2. the main memory, chunk by chunk (chunk_size): writes and the dual-form read-out o_t = M(q_t).
+Outer gradients flow through every write (plain autograd over the chunk loop).
+`step()` does the same one token at a time with carried state, for decoding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PROJECTION_MEMORIES, HopeConfig
+from .layers import CausalDepthwiseConv, RMSNorm
+from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
+
+CONV_INPUTS = ("k", "v", "q")  # Titans: a causal depthwise conv after the q, k, v projections
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class SelfModifyingTitans(nn.Module):
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        self.config = config
+        D, H, d, m = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
+        self.num_heads, self.head_dim = H, d
+        self.adaptive = [name for name in PROJECTION_MEMORIES if name in config.adaptive]
+        self.act = activation(config.memory_activation)
+
+        # Static input projections (one per projection memory) and the convs on q, k, v.
+        self.in_proj = nn.ModuleDict({name: nn.Linear(D, D, bias=False) for name in PROJECTION_MEMORIES})
+        self.conv = nn.ModuleDict({name: CausalDepthwiseConv(D, config.conv_size) for name in CONV_INPUTS})
+        # Meta-learned initial states W1_0 [H, d, m], W2_0 [H, m, d] of every memory.
+        self.init_W1 = nn.ParameterDict({n: nn.Parameter(torch.empty(H, d, m)) for n in self.adaptive + ["memory"]})
+        self.init_W2 = nn.ParameterDict({n: nn.Parameter(torch.empty(H, m, d)) for n in self.adaptive + ["memory"]})
+        # eta_t, alpha_t: per-head scalars read out of their memories' outputs (or projections).
+        self.eta_readout = nn.Parameter(torch.empty(H, d))
+        self.eta_bias = nn.Parameter(torch.empty(H))
+        self.alpha_readout = nn.Parameter(torch.empty(H, d))
+        self.alpha_bias = nn.Parameter(torch.empty(H))
+        if config.inner_momentum:  # Titans: data-dependent momentum mu_t = sigmoid(W_mu x_t + b)
+            self.momentum_proj = nn.Linear(D, H, bias=False)
+            self.momentum_bias = nn.Parameter(torch.empty(H))
+        self.out_norm = RMSNorm(d, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(D, D, bias=False) if config.output_gate else None
+        self.o_proj = nn.Linear(D, D, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise the parameters this module owns directly (its Linears are the model's job)."""
+        cfg = self.config
+        for name in self.init_W1:
+            self.init_W1[name].normal_(0.0, cfg.initializer_range)
+            self.init_W2[name].normal_(0.0, 1.0 / math.sqrt(self.head_dim))
+        self.eta_readout.zero_()
+        self.eta_bias.fill_(_logit(cfg.eta_init / cfg.eta_max))
+        self.alpha_readout.zero_()
+        self.alpha_bias.fill_(_logit(cfg.alpha_init))
+        if cfg.inner_momentum:
+            self.momentum_bias.fill_(_logit(cfg.momentum_init))
+
+    # ------------------------------------------------------------------ helpers
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, d]
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _initial_state(self, names: list[str], batch: int, dtype) -> MemoryState:
+        """States [B, X, H, ...] for memories `names`, copied from the meta-learned parameters."""
+        W1 = torch.stack([self.init_W1[n] for n in names]).to(dtype)
+        W2 = torch.stack([self.init_W2[n] for n in names]).to(dtype)
+        W1 = W1.unsqueeze(0).expand(batch, *W1.shape)
+        W2 = W2.unsqueeze(0).expand(batch, *W2.shape)
+        if not self.config.inner_momentum:
+            return MemoryState(W1, W2)
+        return MemoryState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
+
+    def _readouts(self, z: dict[str, torch.Tensor]):
+        """k, v, q, eta, log_alpha from the projection outputs z [B, H, T, d] (or [B, H, d])."""
+        k = F.normalize(z["k"], dim=-1)
+        q = F.normalize(z["q"], dim=-1)
+        eta = self.config.eta_max * torch.sigmoid((z["eta"] * self.eta_readout[:, None]).sum(-1) + self.eta_bias[:, None])
+        if self.config.decay:
+            log_alpha = F.logsigmoid((z["alpha"] * self.alpha_readout[:, None]).sum(-1) + self.alpha_bias[:, None])
+        else:
+            log_alpha = torch.zeros_like(eta)
+        v = F.normalize(z["v"], dim=-1) if self.config.normalize_v else z["v"]
+        return k, v, q, eta, log_alpha
+
+    def _targets(self, v: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """Self-generated targets vhat_X = M_X(v) under each memory's current state; else v."""
+        if self.config.self_generated_targets:
+            return memory_forward(v, state.W1, state.W2, self.act[0])
+        return v.expand(*state.W1.shape[:-2], *v.shape[-2:])
+
+    def _inputs(self, x: torch.Tensor, conv_state: dict | None):
+        z = {}
+        for name in PROJECTION_MEMORIES:
+            proj = self.in_proj[name](x)
+            if name in CONV_INPUTS:
+                proj, new = self.conv[name](proj, None if conv_state is None else conv_state.get(name))
+                if conv_state is not None:
+                    conv_state[name] = new
+            z[name] = self._heads(proj)
+        return z
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = o.shape
+        o = self.out_norm(o).transpose(1, 2).reshape(B, T, H * d)
+        if self.gate_proj is not None:
+            o = o * F.silu(self.gate_proj(x))
+        return self.o_proj(o)
+
+    # ------------------------------------------------------------------ parallel forward
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """x: [B, T, D]. With `cache` (a dict), the decoding state is written into it."""
+        if cache is not None and cache:
+            return self._forward_recurrent(x, cache)
+        cfg = self.config
+        B, T, _ = x.shape
+        conv_state = {} if cache is not None else None
+        z = self._inputs(x, conv_state)
+        mu_log = F.logsigmoid(self.momentum_proj(x) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
+
+        # Pass 1: projection memories, chunk by chunk.
+        proj_state = self._initial_state(self.adaptive, B, x.dtype) if self.adaptive else None
+        outs = {name: [] for name in ("k", "v", "q", "eta", "log_alpha")}
+        Cp = cfg.projection_chunk_size
+        proj_start, proj_pos = proj_state, 0
+        for s in range(0, T, Cp):
+            e = min(s + Cp, T)
+            zc = {name: z[name][:, :, s:e] for name in PROJECTION_MEMORIES}
+            if self.adaptive:
+                stacked = torch.stack([zc[n] for n in self.adaptive], dim=1)  # [B, X, H, C, d]
+                read = memory_forward(stacked, proj_state.W1, proj_state.W2, self.act[0])
+                for i, n in enumerate(self.adaptive):
+                    zc[n] = read[:, i]
+            k, v, q, eta, log_alpha = self._readouts(zc)
+            for name, t in zip(("k", "v", "q", "eta", "log_alpha"), (k, v, q, eta, log_alpha)):
+                outs[name].append(t)
+            if self.adaptive:
+                proj_start = proj_state
+                vhat = self._targets(v.unsqueeze(1), proj_state)
+                lmu = None if mu_log is None else mu_log[:, None, :, s:e]
+                proj_state, _ = chunk_update(proj_state, k.unsqueeze(1), vhat, eta.unsqueeze(1),
+                                             log_alpha.unsqueeze(1), lmu, self.act, cfg.dgd)
+                proj_pos = e - s
+        k, v, q, eta, log_alpha = (torch.cat(outs[n], dim=2) for n in ("k", "v", "q", "eta", "log_alpha"))
+
+        # Pass 2: the main memory, chunk by chunk, reading after each token's write.
+        state = self._initial_state(["memory"], B, x.dtype)
+        Cm, chunks = cfg.chunk_size, []
+        main_start, main_pos = state, 0
+        for s in range(0, T, Cm):
+            e = min(s + Cm, T)
+            sl = lambda t: t[:, None, :, s:e]  # noqa: E731  add the memory dim
+            main_start = state
+            vhat = self._targets(sl(v), state)
+            lmu = None if mu_log is None else sl(mu_log)
+            state, o = chunk_update(state, sl(k), vhat, sl(eta), sl(log_alpha), lmu, self.act, cfg.dgd, q=sl(q))
+            chunks.append(o[:, 0])
+            main_pos = e - s
+        o = torch.cat(chunks, dim=2)
+
+        if cache is not None:  # hand the decoding state over: chunk-start and current states
+            cache.update(conv=conv_state, main=(main_start, state, main_pos % Cm),
+                         proj=(proj_start, proj_state, proj_pos % Cp) if self.adaptive else None)
+            if main_pos % Cm == 0:
+                cache["main"] = (state, state, 0)
+            if self.adaptive and proj_pos % Cp == 0:
+                cache["proj"] = (proj_state, proj_state, 0)
+        return self._output(o, x)
+
+    # ------------------------------------------------------------------ decoding
+    def _forward_recurrent(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        return torch.cat([self.step(x[:, t:t + 1], cache) for t in range(x.shape[1])], dim=1)
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token x: [B, 1, D] with carried state in `cache` (filled by forward or by step)."""
+        cfg = self.config
+        B = x.shape[0]
+        if not cache:
+            cache.update(conv={}, main=(self._initial_state(["memory"], B, x.dtype),) * 2 + (0,),
+                         proj=((self._initial_state(self.adaptive, B, x.dtype),) * 2 + (0,)) if self.adaptive else None)
+        z = self._inputs(x, cache["conv"])  # [B, H, 1, d] each
+        mu = torch.sigmoid(self.momentum_proj(x[:, 0]) + self.momentum_bias)[:, None] if cfg.inner_momentum else None  # [B, 1, H]
+
+        if self.adaptive:
+            start, current, pos = cache["proj"]
+            stacked = torch.stack([z[n] for n in self.adaptive], dim=1)  # [B, X, H, 1, d]
+            read = memory_forward(stacked, start.W1, start.W2, self.act[0])
+            for i, n in enumerate(self.adaptive):
+                z[n] = read[:, i]
+        k, v, q, eta, log_alpha = self._readouts(z)  # [B, H, 1, d] and [B, H, 1]
+        k_tok, eta_tok, alpha_tok = k[:, None, :, 0], eta[:, None, :, 0], log_alpha[:, None, :, 0].exp()
+        if self.adaptive:
+            vhat = self._targets(v[:, None], start).squeeze(-2)
+            current = token_update(current, start, k_tok, vhat, eta_tok, alpha_tok, mu, self.act, cfg.dgd)
+            pos += 1
+            cache["proj"] = (current, current, 0) if pos == cfg.projection_chunk_size else (start, current, pos)
+
+        start, current, pos = cache["main"]
+        vhat = self._targets(v[:, None], start).squeeze(-2)
+        current = token_update(current, start, k_tok, vhat, eta_tok, alpha_tok, mu, self.act, cfg.dgd)
+        o = memory_forward(q[:, None], current.W1, current.W2, self.act[0])[:, 0]  # [B, H, 1, d]
+        pos += 1
+        cache["main"] = (current, current, 0) if pos == cfg.chunk_size else (start, current, pos)
+        return self._output(o, x)

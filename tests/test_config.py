@@ -1,0 +1,134 @@
+"""The typed run config: loading, --set overrides, and one clear message per mistake."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import ConfigError, apply_override, load_config, resolve_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+
+
+def write(tmp_path: Path, data: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {
+    "model": {"config": "tiny", "hidden_size": 64, "num_layers": 2},
+    "data": {"path": "default", "seq_len": 32},
+    "train": {"max_steps": 10, "checkpoint_every": 5, "log_every": 1, "seed": 3},
+    "optimizer": {"name": "adamw", "lr": 1e-3},
+    "deepspeed": {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}},
+}
+
+
+def refused(tmp_path: Path, data: dict, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data), list(overrides))
+    return str(info.value)
+
+
+def test_loads_typed_sections(tmp_path):
+    config = load_config(write(tmp_path, BASE))
+    assert config.train.max_steps == 10 and config.train.seed == 3
+    assert config.optimizer.name == "adamw" and config.optimizer.lr == pytest.approx(1e-3)
+    assert config.data.seq_len == 32
+    assert config.model.overrides == {"hidden_size": 64, "num_layers": 2}
+    assert config.deepspeed["zero_optimization"]["stage"] == 1
+    # the resolved config round-trips through YAML (it is written beside every checkpoint)
+    again = write(tmp_path, config.to_dict(), "again.yaml")
+    assert load_config(again).to_dict() == config.to_dict()
+
+
+def test_set_overrides_any_field_and_nested_deepspeed_keys(tmp_path):
+    config = load_config(write(tmp_path, BASE), [
+        "train.max_steps=20", "deepspeed.zero_optimization.stage=3", "optimizer.betas=[0.8, 0.9]",
+        "model.num_layers=1", "deepspeed.bf16.enabled=true", "train.wandb_name=abc"])
+    assert config.train.max_steps == 20
+    assert config.deepspeed["zero_optimization"]["stage"] == 3
+    assert config.deepspeed["bf16"] == {"enabled": True}
+    assert config.optimizer.betas == [0.8, 0.9]
+    assert config.model.overrides["num_layers"] == 1
+    assert config.train.wandb_name == "abc"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.max_steps=ten", "train.max_steps: expected an int, got 'ten'"),
+    ("train.max_steps=0", "train.max_steps: expected a positive int, got 0"),
+    ("train.log_every=1.5", "train.log_every: expected an int, got 1.5"),
+    ("train.progress_bar=maybe", "train.progress_bar: expected true or false, got 'maybe'"),
+    ("train.schedule=linear", "train.schedule: expected one of cosine, wsd, constant, got 'linear'"),
+    ("train.warmup_steps=10", "train.warmup_steps: expected fewer than train.max_steps=10, got 10"),
+    ("train.no_such_key=1", "train.no_such_key: unknown key"),
+    ("data.seq_len=-4", "data.seq_len: expected a positive int, got -4"),
+    ("optimizer.name=sgd", "optimizer.name = 'sgd': expected one of adamw, muon, m3"),
+    ("optimizer.matrix.ns_steps=x", "optimizer.matrix.ns_steps: expected an int, got 'x'"),
+    ("deepspeed.zero_optimization.stage=4", "deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got 4"),
+    ("deepspeed.train_micro_batch_size_per_gpu=0", "deepspeed.train_micro_batch_size_per_gpu: expected a positive int"),
+    ("deepspeed.fp16.enabled=true", "deepspeed.fp16.enabled: expected false"),
+    ("model.hidden_size=-1", "model.hidden_size"),
+    ("model.no_such_field=1", "model.no_such_field: unknown key"),
+    ("model.config=nonexistent-model", "model.config: no model config 'nonexistent-model'"),
+])
+def test_bad_values_name_file_key_and_expectation(tmp_path, override, expected):
+    message = refused(tmp_path, BASE, override)
+    assert message.startswith(str(tmp_path / "run.yaml") + ": "), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_unknown_section_and_bad_yaml(tmp_path):
+    assert "optimiser: unknown section" in refused(tmp_path, {**BASE, "optimiser": {}})
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_syntax_errors(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_override({}, "max_steps=3")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_override({}, "train.max_steps")
+    with pytest.raises(ConfigError, match="train.max_steps is not a section"):
+        apply_override({"train": {"max_steps": 3}}, "train.max_steps.x=1")
+
+
+def test_batch_keys_follow_the_world_size(tmp_path):
+    ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 8}
+    assert resolve_batch(ds, 2, "x.yaml")["gradient_accumulation_steps"] == 2
+    assert resolve_batch(ds, 1, "x.yaml")["gradient_accumulation_steps"] == 4
+    with pytest.raises(ConfigError, match="train_batch_size: expected a multiple of micro batch 2 x 3 ranks"):
+        resolve_batch(ds, 3, "x.yaml")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: expected 2"):
+        resolve_batch({**ds, "gradient_accumulation_steps": 3}, 2, "x.yaml")
+    fixed = resolve_batch({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, 2, "x.yaml")
+    assert fixed["train_batch_size"] == 12
+
+
+def test_scripts_keys_exist_in_every_shipped_train_config():
+    assert TRAIN_CONFIGS, "configs/train/ has no configs"
+    for path in TRAIN_CONFIGS:
+        config = load_config(path)
+        for key in ("max_steps", "checkpoint_every", "log_every", "seed"):
+            assert getattr(config.train, key) is not None
+        assert config.optimizer.name
+
+
+def test_cli_refuses_bad_config_with_one_line_and_status_2(tmp_path):
+    path = write(tmp_path, BASE)
+    result = subprocess.run([sys.executable, "-m", "train.cli", str(path), "--run-dir", str(tmp_path / "run"),
+                             "--set", "train.max_steps=ten"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"hope-train: error: {path}: train.max_steps: expected an int, got 'ten'"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything started

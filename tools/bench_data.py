@@ -1,0 +1,121 @@
+"""Throughput of the data pipeline on this machine.
+
+    .venv/bin/python tools/bench_data.py [--text-mb 30] [--workers N] [--loader-tokens 100000000]
+
+1. Tokenization: raw SentencePiece encode speed (the limit: one thread, and SentencePiece's own
+   C++ threads on all cores) against `hope-data tokenize` end to end (read, hash split, worker
+   processes, write shards + manifest) on the same text: the standard library's .py files.
+2. Loader: samples/s of one TokenLoader rank at seq 2048 and 4096 (random order over memory-mapped
+   shards, background threads), against what a 1.3B model consumes on 8 H100s
+   (8 x 57K tokens/s / seq_len, all ranks together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+H100_TOKENS_PER_S_1_3B = 57_000
+GPUS = 8
+
+
+def stdlib_text(max_bytes: int) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or not path.is_file():
+            continue
+        docs.append(path.read_text(encoding="utf-8", errors="replace"))
+        total += len(docs[-1])
+        if total >= max_bytes:
+            break
+    return docs
+
+
+def bench_tokenize(work: Path, text_mb: float, workers: int) -> None:
+    import sentencepiece as spm
+
+    from data_pipeline import prepare_default_corpus
+    from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
+
+    tokenizer = prepare_default_corpus(work / "corpus", vocab_size=4096).tokenizer_path
+    docs = stdlib_text(int(text_mb * 1e6))
+    chars = sum(map(len, docs))
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    for threads in (1, os.cpu_count() or 1):
+        start = time.perf_counter()
+        tokens = sum(map(len, sp.encode(docs, num_threads=threads)))
+        seconds = time.perf_counter() - start
+        print(f"raw SentencePiece encode, {threads} thread(s): {tokens:,} tokens ({chars / 1e6:.1f} M chars) "
+              f"in {seconds:.2f} s = {tokens / seconds:,.0f} tokens/s")
+    inputs = work / "inputs"
+    inputs.mkdir()
+    for i, doc in enumerate(docs):  # the same text, as files the CLI would read
+        (inputs / f"{i:05d}.py").write_text(doc)
+    for n in sorted({1, workers}):
+        settings = TokenizeSettings(shard_chars=8_000_000, workers=n)
+        start = time.perf_counter()
+        report = tokenize_to_shards([str(inputs)], str(tokenizer), str(work / f"shards-{n}"), settings, progress=False)
+        wall = time.perf_counter() - start
+        print(f"hope-data tokenize, {n} worker process(es): {report.num_tokens:,} tokens in {wall:.2f} s = "
+              f"{report.num_tokens / wall:,.0f} tokens/s (incl. reading files, writing shards + manifest)")
+
+
+def write_random_dataset(directory: Path, num_tokens: int, vocab: int = 32000, shard_tokens: int = 25_000_000) -> None:
+    from data_pipeline.shards import Manifest, ShardInfo, TokenizerInfo, encode_shard
+
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shards = []
+    for k, begin in enumerate(range(0, num_tokens, shard_tokens)):
+        tokens = rng.integers(0, vocab, min(shard_tokens, num_tokens - begin), dtype=np.uint16)
+        data = encode_shard(tokens, vocab, num_docs=1)
+        (directory / f"train-{k:05d}.bin").write_bytes(data)
+        shards.append(ShardInfo(f"train-{k:05d}.bin", "train", len(tokens), 1, len(data), hashlib.sha256(data).hexdigest()))
+    info = TokenizerInfo("sentencepiece", "random", "0" * 16, vocab, 2, 3, 0)
+    (directory / "manifest.json").write_text(Manifest(info, 0.0, shards).to_json())
+
+
+def bench_loader(work: Path, num_tokens: int, seconds: float) -> None:
+    from data_pipeline import TokenLoader
+
+    data = work / "random"
+    write_random_dataset(data, num_tokens)
+    for seq_len in (2048, 4096):
+        needed = GPUS * H100_TOKENS_PER_S_1_3B / seq_len
+        for workers in (0, 1, 2):
+            # one rank of 8, 8 samples per micro batch: each call reads 8 random samples
+            with TokenLoader(data, seq_len, 64, rank=3, world_size=8, seed=0, num_workers=workers) as loader:
+                next(loader)
+                start, samples = time.perf_counter(), 0
+                while time.perf_counter() - start < seconds:
+                    samples += len(next(loader))
+                rate = samples / (time.perf_counter() - start)
+            print(f"loader seq {seq_len}, {workers} worker thread(s): {rate:,.0f} samples/s on one rank "
+                  f"= {rate * (seq_len + 1):,.0f} tokens/s; 1.3B on {GPUS} H100s needs {needed:,.0f} samples/s in all "
+                  f"({needed / GPUS:,.1f} per rank): {rate / (needed / GPUS):,.0f}x headroom per rank")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text-mb", type=float, default=30.0, help="text for the tokenization benchmark")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--loader-tokens", type=int, default=100_000_000, help="size of the random loader dataset")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per loader measurement")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_tokenize(Path(tmp), args.text_mb, args.workers)
+        bench_loader(Path(tmp), args.loader_tokens, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

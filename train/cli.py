@@ -1,0 +1,57 @@
+"""`hope-train CONFIG.yaml --run-dir DIR [--set section.key=value ...]`
+
+Runs as one process, under torchrun or under the `deepspeed` launcher (launch/train.sh). The
+config is read and validated completely before any process group starts; a bad config prints
+one line naming the file, key and expectation and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hope-train", description="Pretrain HOPE on DeepSpeed ZeRO.")
+    parser.add_argument("config", help="run config YAML (e.g. configs/train/tiny-cpu.yaml)")
+    parser.add_argument("--run-dir", required=True, help="checkpoints and metrics go here; rerun to resume")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (YAML scalar), e.g. --set deepspeed.zero_optimization.stage=3")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"hope-train: error: {error}", file=sys.stderr)
+        return 2
+
+    from data_pipeline import DataError
+
+    from .checkpoint import CheckpointError
+    from .trainer import Trainer, TrainingError
+
+    try:
+        trainer = Trainer(config, args.run_dir)
+        step = trainer.fit()
+    except (ConfigError, DataError) as error:
+        print(f"hope-train: error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, TrainingError) as error:
+        print(f"hope-train: error: {error}", file=sys.stderr)
+        return 1
+    if trainer.world.is_main:
+        latest = trainer.checkpoints.latest_tag()
+        where = trainer.checkpoints.root / latest if latest else "none"
+        print(f"[hope-train] done at step {step}/{config.train.max_steps}; checkpoint: {where}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Process-group plumbing: one process, torchrun, or the `deepspeed` launcher, CPU or CUDA.
+
+Every launcher sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a bare
+`hope-train` run has none of them and becomes a world of one (we fill in a free local port).
+CPU runs use gloo, CUDA runs NCCL (DeepSpeed picks the backend from its accelerator).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_world() -> World:
+    """Start (or join) the process group and pick this rank's device."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def all_reduce_sum(values: list[float], world: World) -> list[float]:
+    """Sum a few floats over all ranks (float64, so counts stay exact)."""
+    device = world.device if world.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world.size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank if `flag` is true on any rank."""
+    return all_reduce_sum([1.0 if flag else 0.0], world)[0] > 0
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()

@@ -1,0 +1,285 @@
+"""The training loop on a DeepSpeed engine.
+
+One optimizer step = gradient_accumulation_steps micro-batches on every rank. The data loader is
+told the global batch of the whole step (micro x accumulation x ranks sequences), so its state at
+a step boundary is exact and the same on every rank; a resume continues with the next batch.
+
+    for step in range(start, max_steps):
+        lr = schedule(step)                       # applied to every param group (x lr_scale)
+        for micro in range(accumulation):
+            loss = engine(inputs, labels=targets) ; engine.backward(loss) ; engine.step()
+        log / validate / checkpoint / stop on preemption
+
+A non-finite loss on any rank skips the update of that step on all ranks (the optimizer step is
+a no-op, the gradients are dropped) and is counted; max_bad_steps in a row stop the run. SIGTERM
+and SIGUSR1 (preemption) make every rank save a checkpoint at the end of the current step and exit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import CheckpointManager, TrainerState, rng_state, set_rng_state
+from .config import RunConfig, load_model_config, resolve_batch
+from .distributed import World, all_reduce_sum, any_rank, barrier, init_world
+from .metrics import MetricsSink, device_peak_flops, peak_memory_gb
+from .optim import attach_engine, build_optimizer
+from .schedule import apply_lr, lr_at
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1; the loop checks it (agreed over ranks) after every step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def _nan_fault_steps() -> set[int]:
+    """Test hook (docs/TRAINING.md): steps whose loss is made NaN on purpose."""
+    text = os.environ.get("HOPE_FAULT_NAN_STEPS", "")
+    return {int(s) for s in text.split(",") if s.strip()}
+
+
+def guard_optimizer_step(optimizer) -> None:
+    """Make optimizer.step() a no-op while `optimizer.skip_update` is set.
+
+    DeepSpeed (any ZeRO stage) calls this base optimizer's step at the accumulation boundary and
+    clears the gradients afterwards, so skipping here drops the step's update and nothing else.
+    """
+    original = optimizer.step
+    optimizer.skip_update = False
+
+    def step(*args, **kwargs):
+        if optimizer.skip_update:
+            return None
+        return original(*args, **kwargs)
+
+    optimizer.step = step
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, run_dir: str | Path):
+        import deepspeed
+        from data_pipeline import prepare_default_corpus
+
+        self.config, self.run_dir = config, Path(run_dir)
+        self.world: World = init_world()
+        t, d = config.train, config.data
+        self.ds_config = resolve_batch(config.deepspeed, self.world.size, config.source)
+        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.global_batch = self.ds_config["train_batch_size"]
+        self.tokens_per_step = self.global_batch * d.seq_len
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        # Model config first: the loader checks the tokens against its vocabulary.
+        self.model_config = load_model_config(config.model, config.source)
+
+        # Data: the embedded corpus is prepared once (rank 0 first, the others then find it ready).
+        data_dir = d.path
+        if d.path == "default":
+            if self.world.is_main:
+                prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size)
+            barrier(self.world)
+            data_dir = prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size).data_dir
+        self.data_dir = str(data_dir)
+        self.loader = self._open_loader("train", self.global_batch)
+
+        # Model and engine. The seed makes every rank build the same initial weights.
+        torch.manual_seed(t.seed)
+        from hope import HopeForCausalLM
+
+        model = HopeForCausalLM(self.model_config)
+        optimizer = build_optimizer(model, config.optimizer, self.ds_config, self.tokens_per_step)
+        guard_optimizer_step(optimizer)
+        self.base_optimizer = optimizer
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        attach_engine(self.engine)
+        self.checkpoints = CheckpointManager(self.run_dir, self.world, t.keep_checkpoints, t.portable_checkpoint)
+        self.state = TrainerState(world_size=self.world.size)
+        self.preemption = PreemptionFlag()
+        self.flops_per_token = self.model_config.flops_per_token(d.seq_len)
+        self.peak_flops = device_peak_flops(self.world.device, t.peak_tflops)
+
+    def _open_loader(self, split: str, global_batch: int):
+        from data_pipeline import TokenLoader
+
+        return TokenLoader(self.data_dir, self.config.data.seq_len, global_batch, self.world.rank, self.world.size,
+                           self.config.train.seed, split=split, expected_vocab_size=self.model_config.vocab_size)
+
+    # ------------------------------------------------------------------ resume
+    def resume_if_possible(self) -> None:
+        self.checkpoints.clean_partial_saves()
+        tag = self.checkpoints.latest_tag()
+        if tag is None:
+            return
+        state, rank_state = self.checkpoints.load(self.engine, tag)
+        if rank_state is not None:  # same world size: this rank's exact loader position and RNG
+            self.loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+        else:  # new world size: the global position (rank 0's state) carries over
+            self.loader.load_state_dict(state.data_state)
+        state.world_size = self.world.size
+        self.state = state
+        self._log_main(f"resumed from {self.checkpoints.root / tag} at step {state.step}")
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batches(self) -> tuple[list[torch.Tensor], float]:
+        """This rank's micro-batches of the step, and a fingerprint of its sequences.
+
+        The fingerprint is a sum of per-sequence CRC32s, so summed over ranks it identifies the
+        step's global batch whatever the number of ranks (tests use it to prove no token is seen
+        twice or skipped across a resume).
+        """
+        batch = next(self.loader)  # [micro * accumulation, seq_len + 1] for this rank
+        fingerprint = float(sum(zlib.crc32(row.numpy().tobytes()) for row in batch.cpu().to(torch.int64)))
+        return list(batch.to(self.world.device).split(self.micro)), fingerprint
+
+    def train_step(self, nan_steps: set[int]) -> tuple[float, bool]:
+        """One optimizer step; returns (mean loss over all ranks, whether the update was skipped)."""
+        engine = self.engine
+        apply_lr(self.base_optimizer, self._lr(self.state.step))
+        local_sum, nonfinite = 0.0, False
+        micro_batches, fingerprint = self._micro_batches()
+        for i, batch in enumerate(micro_batches):
+            loss = engine(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
+            if self.state.step + 1 in nan_steps:
+                loss = loss * float("nan")
+            value = loss.item()
+            nonfinite |= not math.isfinite(value)
+            local_sum += value
+            engine.backward(loss)
+            if i == len(micro_batches) - 1:  # the boundary: decide the update on every rank at once
+                total, bad, self.data_fingerprint = all_reduce_sum(
+                    [local_sum if not nonfinite else 0.0, float(nonfinite), fingerprint], self.world)
+                self.base_optimizer.skip_update = bad > 0
+            engine.step()
+        self.base_optimizer.skip_update = False
+        if bad > 0:
+            return float("nan"), True
+        return total / (self.world.size * len(micro_batches)), False
+
+    def _lr(self, step: int) -> float:
+        t = self.config.train
+        return lr_at(step, self.config.optimizer.lr, t.max_steps, t.schedule, t.warmup_steps,
+                     t.min_lr_ratio, t.decay_fraction)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over eval_batches validation batches (the same batches every time)."""
+        t = self.config.train
+        loader = self._open_loader("validation", self.micro * self.world.size)
+        self.engine.eval()
+        total = 0.0
+        for _ in range(t.eval_batches):
+            batch = next(loader).to(self.world.device)
+            total += self.engine(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss.item()
+        loader.close()
+        self.engine.train()
+        return all_reduce_sum([total], self.world)[0] / (self.world.size * t.eval_batches)
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self) -> Path:
+        self.state.data_state = self.loader.state_dict() if self.world.is_main else {}
+        rank_state = {"rng": rng_state(), "data": self.loader.state_dict()}
+        config_yaml = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        path = self.checkpoints.save(self.engine, self.state, rank_state, config_yaml, self.model_config.to_dict())
+        self.last_saved = self.state.step
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        """Train to max_steps (or a preemption). Returns the step reached."""
+        t = self.config.train
+        self.resume_if_possible()
+        self.last_saved = self.state.step
+        sink = None
+        if self.world.is_main:
+            bar = None
+            if t.progress_bar:
+                from tqdm import tqdm
+
+                bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+            sink = MetricsSink(self.run_dir, t.wandb, t.wandb_project, t.wandb_name, self.state.wandb_id,
+                               self.config.to_dict(), progress_write=bar.write if bar else None)
+            self.state.wandb_id = sink.wandb_id
+        nan_steps, bad_streak = _nan_fault_steps(), 0
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.state.step < t.max_steps:
+                loss, skipped = self.train_step(nan_steps)
+                self.state.step += 1
+                self.state.tokens_seen += self.tokens_per_step
+                window_steps += 1
+                bad_streak = bad_streak + 1 if skipped else 0
+                self.state.skipped_steps += int(skipped)
+                if self.world.is_main and bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if bad_streak >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_streak} non-finite losses in a row (steps {self.state.step - bad_streak + 1}-"
+                        f"{self.state.step}); stopping. The last good checkpoint is "
+                        f"{self.checkpoints.latest_tag() or 'none'} under {self.checkpoints.root}")
+                last = self.state.step == t.max_steps
+                evaluate = last or (t.eval_every and self.state.step % t.eval_every == 0)
+                if evaluate or self.state.step % t.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    record = self._record(loss, window_steps, elapsed)
+                    if evaluate:
+                        record["val_loss"] = self.validate()
+                        record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                    if sink is not None:
+                        sink.log(record)
+                    window_start, window_steps = time.perf_counter(), 0
+                preempted = any_rank(self.preemption.signal is not None, self.world)
+                due = self.state.step % t.checkpoint_every == 0 or last or preempted
+                if due and not skipped:
+                    path = self.save()
+                    self._log_main(f"checkpoint saved: {path}")
+                    window_start = time.perf_counter()  # saving time is not training time
+                if preempted:
+                    self._log_main(f"preempted (signal) at step {self.state.step}; run again to resume")
+                    break
+        finally:
+            if sink is not None:
+                if bar is not None:
+                    bar.close()
+                sink.close()
+            self.loader.close()
+        barrier(self.world)
+        return self.state.step
+
+    def _record(self, loss: float, steps: int, elapsed: float) -> dict:
+        tokens_per_s = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = grad_norm.item()
+        mfu = None
+        if self.peak_flops:
+            mfu = tokens_per_s / self.world.size * self.flops_per_token / self.peak_flops
+        return {"step": self.state.step, "loss": loss, "grad_norm": grad_norm,
+                "lr": self._lr(self.state.step - 1), "tokens_per_s": tokens_per_s, "mfu": mfu,
+                "peak_mem_gb": peak_memory_gb(self.world.device), "tokens_seen": self.state.tokens_seen,
+                "skipped_steps": self.state.skipped_steps, "data_fingerprint": int(self.data_fingerprint)}
+
+    def _log_main(self, text: str) -> None:
+        if self.world.is_main:
+            print(f"[hope-train] {text}", flush=True)
