@@ -32,7 +32,8 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 def _tokenize(args: argparse.Namespace) -> int:
     from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
 
-    settings = TokenizeSettings(shard_chars=int(args.shard_mb * 1_000_000), validation_fraction=args.validation_fraction,
+    settings = TokenizeSettings(shard_chars=int(args.shard_mb * 1_000_000),
+                                validation_fraction=args.validation_fraction,
                                 workers=args.workers, text_field=args.text_field)
     report = tokenize_to_shards(args.inputs, args.tokenizer, args.out, settings, progress=not args.quiet)
     counts = {s: sum(x.num_tokens for x in report.manifest.split_shards(s)) for s in ("train", "validation")}
@@ -57,7 +58,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hope-data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hope-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train-tokenizer", help="train a SentencePiece tokenizer (byte fallback)")
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer processes (0 = in this process)")
     p.add_argument("--shard-mb", type=float, default=256, help="text (millions of characters) per shard")
-    p.add_argument("--validation-fraction", type=float, default=0.005)
+    p.add_argument("--validation-fraction", type=float, default=0.005,
+                   help="share of documents (by hash of their text) put in the validation split")
     p.add_argument("--text-field", default="text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_tokenize)

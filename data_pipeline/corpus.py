@@ -4,9 +4,9 @@
 a deterministic subset of the standard library's .py files (sorted by path, test suites left
 out, up to `max_bytes` of text). Files are cut at top-level boundaries (two blank lines, PEP 8's
 separator) into documents of a few KB, so the split by document hash gives a validation set
-close to its nominal 5% instead of a handful of whole files. It takes a few seconds on 2 cores, needs no download, and is
-safe when several processes call it at once: the first takes a file lock and builds, the others
-wait on the lock and then find the finished manifest.
+close to its nominal 5% instead of a handful of whole files. It takes a few seconds on 2 cores,
+needs no download, and is safe when several processes call it at once: the first takes a file
+lock and builds, the others wait on the lock and then find the finished manifest.
 """
 
 from __future__ import annotations
@@ -70,10 +70,15 @@ def _write_corpus_jsonl(files: list[Path], path: Path) -> None:
     atomic_write_bytes(fs, local, ("\n".join(lines) + "\n").encode())
 
 
+def corpus_root(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
+    """Where one configuration is built (the stdlib differs between Python versions)."""
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(cache_dir) / f"stdlib-{version}-v{vocab_size}-{max_bytes}"
+
+
 def prepare_default_corpus(cache_dir: str | Path, vocab_size: int = 4096, max_bytes: int = 6_000_000) -> PreparedData:
     """Tokenizer + shards of the standard library's source under cache_dir (built once)."""
-    version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    root = Path(cache_dir) / f"stdlib-{version}-v{vocab_size}-{max_bytes}"
+    root = corpus_root(cache_dir, vocab_size, max_bytes)
     prepared = PreparedData(root / "shards", root / "tokenizer.model")
     if (prepared.data_dir / MANIFEST_NAME).exists():
         return prepared

@@ -31,6 +31,8 @@ STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")
 
 
 class TokenLoader:
+    """Yields this rank's [global_batch_size // world_size, seq_len + 1] slice of each global batch."""
+
     def __init__(self, data_dir: str | Path, seq_len: int, global_batch_size: int, rank: int, world_size: int,
                  seed: int, split: str = "train", num_workers: int = 1, prefetch: int = 4,
                  cache_dir: str | Path | None = None, expected_vocab_size: int | None = None):
@@ -50,6 +52,7 @@ class TokenLoader:
         self._prefetch = prefetch
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="hope-data") if num_workers else None
         self._pending: deque[tuple[int, Future]] = deque()  # (start position, batch being built)
+        self._fill_pending()
 
     # ------------------------------------------------------------ the stream
     def __iter__(self) -> "TokenLoader":
@@ -59,15 +62,22 @@ class TokenLoader:
         if self._executor is None:
             batch = self._build(self._samples_consumed)
         else:
-            next_start = self._pending[-1][0] + self.global_batch_size if self._pending else self._samples_consumed
-            while len(self._pending) < self._prefetch:
-                self._pending.append((next_start, self._executor.submit(self._build, next_start)))
-                next_start += self.global_batch_size
+            self._fill_pending()
             start, future = self._pending.popleft()
             assert start == self._samples_consumed
             batch = future.result()
         self._samples_consumed += self.global_batch_size
+        self._fill_pending()
         return torch.from_numpy(batch)
+
+    def _fill_pending(self) -> None:
+        """Keep `prefetch` batches being built ahead of the trainer."""
+        if self._executor is None:
+            return
+        next_start = self._pending[-1][0] + self.global_batch_size if self._pending else self._samples_consumed
+        while len(self._pending) < self._prefetch:
+            self._pending.append((next_start, self._executor.submit(self._build, next_start)))
+            next_start += self.global_batch_size
 
     def _build(self, start: int) -> np.ndarray:
         """This rank's slice of the global batch that begins at stream position `start`."""
@@ -111,11 +121,13 @@ class TokenLoader:
             raise DataError(f"loader state: samples_consumed {consumed!r}, expected an int >= 0")
         self._drop_pending()
         self._samples_consumed = consumed
+        self._fill_pending()
 
     def reset(self) -> None:
         """Back to the start of the stream (validation: the same batches at every evaluation)."""
         self._drop_pending()
         self._samples_consumed = 0
+        self._fill_pending()
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """DataError unless every token id of this dataset fits the model's embedding."""

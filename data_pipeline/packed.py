@@ -15,6 +15,7 @@ copied fetches that one at once.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
 import os
 import threading
@@ -99,21 +100,28 @@ class PackedSplit:
         if local.exists():
             return str(local)
         self._cache.mkdir(parents=True, exist_ok=True)
+        # The ranks of a node share the cache: one downloads a shard, the others wait for it.
+        with open(self._cache / f".{shard.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not local.exists():
+                self._download(shard, remote_path, local)
+        return str(local)
+
+    def _download(self, shard: ShardInfo, remote_path: str, local: Path) -> None:
+        url = self.fs.unstrip_protocol(remote_path)
         try:
             data = self.fs.cat_file(remote_path)
         except FileNotFoundError as exc:
-            raise DataError(f"{self.fs.unstrip_protocol(remote_path)}: shard listed in the manifest is missing") from exc
+            raise DataError(f"{url}: shard listed in the manifest is missing") from exc
         digest = hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
-            raise DataError(f"{self.fs.unstrip_protocol(remote_path)}: checksum mismatch (sha256 {digest[:16]}..., "
-                            f"manifest {shard.sha256[:16]}...)")
+            raise DataError(f"{url}: checksum mismatch (sha256 {digest[:16]}..., manifest {shard.sha256[:16]}...)")
         tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, local)
-        return str(local)
 
     # ------------------------------------------------------------ samples
     def read(self, sample_indices: np.ndarray) -> np.ndarray:

@@ -64,11 +64,13 @@ def document_split(text: str, validation_fraction: float) -> str:
 
 # ---------------------------------------------------------------- worker side
 _worker_tokenizer: Tokenizer | None = None
+_worker_threads: int | None = None  # 1 in a worker process: the processes already fill the cores
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+def _init_worker(tokenizer_path: str, threads: int | None = 1) -> None:
+    global _worker_tokenizer, _worker_threads
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if threads == 1 else "true"  # Hugging Face's thread pool
+    _worker_tokenizer, _worker_threads = Tokenizer(tokenizer_path), threads
 
 
 def _encode_batch(texts: list[str]) -> np.ndarray:
@@ -76,7 +78,7 @@ def _encode_batch(texts: list[str]) -> np.ndarray:
     tok = _worker_tokenizer
     pieces = []
     eos = np.array([tok.eos_id], dtype=np.uint32)
-    for ids in tok.encode(texts):
+    for ids in tok.encode(texts, _worker_threads):
         pieces += [np.asarray(ids, dtype=np.uint32), eos]
     return np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
 
@@ -136,6 +138,28 @@ class _Progress:
         atomic_write_bytes(self.fs, self._path(chunk_id), json.dumps(record).encode())
 
 
+def _encode_documents(docs: list[str], pool, settings: TokenizeSettings, bar) -> np.ndarray:
+    """The documents' tokens (EOS after each), encoded in batches by the pool, in order.
+
+    At most two batches per worker are in flight, so memory stays bounded however large the input.
+    """
+    if pool is None:
+        pieces = [_encode_batch(batch) for batch in _batches(docs, settings.batch_chars)]
+        bar.update(sum(map(len, pieces)))
+        return np.concatenate(pieces)
+    pending: deque = deque()
+    pieces = []
+    for batch in _batches(docs, settings.batch_chars):
+        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        while len(pending) > 2 * settings.workers:
+            pieces.append(pending.popleft().get())
+            bar.update(len(pieces[-1]))
+    while pending:
+        pieces.append(pending.popleft().get())
+        bar.update(len(pieces[-1]))
+    return np.concatenate(pieces)
+
+
 def _write_shard(fs, out: str, name: str, split: str, tokens: np.ndarray, num_docs: int, vocab_size: int) -> ShardInfo:
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise DataError(f"{name}: token id {int(tokens.max())} is outside the tokenizer's vocabulary of {vocab_size}")
@@ -170,8 +194,8 @@ def tokenize_to_shards(inputs: list[str], tokenizer_path: str, out: str,
         # no threads of its own at this point.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(settings.workers, _init_worker, (tokenizer.path,))
-    else:
-        _init_worker(tokenizer.path)
+    else:  # in this process, with the tokenizer's own threads
+        _init_worker(tokenizer.path, threads=None)
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, desc="tokenize")
     shards: dict[int, list[ShardInfo]] = {}
     num_docs = tokenized = written = kept = 0
@@ -188,23 +212,11 @@ def tokenize_to_shards(inputs: list[str], tokenizer_path: str, out: str,
                 by_split[document_split(doc, settings.validation_fraction)].append(doc)
             shards[chunk_id] = []
             for split, docs in by_split.items():
-                if not docs:
-                    continue
-                pending: deque = deque()
-                pieces = []
-                for batch in _batches(docs, settings.batch_chars):
-                    pending.append(pool.apply_async(_encode_batch, (batch,)) if pool else batch)
-                    while len(pending) > 2 * max(settings.workers, 1) or (pending and not pool):
-                        head = pending.popleft()
-                        pieces.append(head.get() if pool else _encode_batch(head))
-                        bar.update(len(pieces[-1]))
-                while pending:
-                    pieces.append(pending.popleft().get())
-                    bar.update(len(pieces[-1]))
-                tokens = np.concatenate(pieces)
-                tokenized += len(tokens)
-                shards[chunk_id].append(_write_shard(fs, out_path, f"{split}-{chunk_id:05d}.bin", split, tokens,
-                                                     len(docs), tokenizer.vocab_size))
+                if docs:
+                    tokens = _encode_documents(docs, pool, settings, bar)
+                    tokenized += len(tokens)
+                    shards[chunk_id].append(_write_shard(fs, out_path, f"{split}-{chunk_id:05d}.bin", split, tokens,
+                                                         len(docs), tokenizer.vocab_size))
             record.mark_finished(chunk_id, shards[chunk_id], len(chunk))
             written += 1
     finally:

@@ -138,9 +138,10 @@ class Tokenizer:
         return TokenizerInfo(self.kind, self.path, self.fingerprint, self.vocab_size,
                              self.bos_id, self.eos_id, self.pad_id)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
+        """Token ids per text (no special tokens added); threads=None lets the library use every core."""
         if self.kind == "sentencepiece":
-            return self._sp.encode(texts)
+            return self._sp.encode(texts, num_threads=threads if threads else -1)
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:

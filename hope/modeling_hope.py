@@ -10,6 +10,8 @@ nothing of optimizers or distribution; the tag is read by train/optim.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,24 @@ class HopeCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep, for every new beam, the state of the beam it came from (batch dim 0)."""
+        self.layers = [_select_batch(layer, beam_idx) for layer in self.layers]
+
+
+def _select_batch(item, index: torch.LongTensor):
+    """`item` (tensors in dicts / tuples / dataclasses such as MemoryState) with batch rows `index`."""
+    if torch.is_tensor(item):
+        return item.index_select(0, index.to(item.device))
+    if isinstance(item, dict):
+        return {key: _select_batch(value, index) for key, value in item.items()}
+    if isinstance(item, (tuple, list)):
+        return type(item)(_select_batch(value, index) for value in item)
+    if dataclasses.is_dataclass(item):
+        return dataclasses.replace(item, **{f.name: _select_batch(getattr(item, f.name), index)
+                                            for f in dataclasses.fields(item)})
+    return item  # ints (positions within a chunk), None
 
 
 class CMSLevel(nn.Module):
@@ -125,6 +145,21 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    # ------------------------------------------------------------------ generation
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache: forward() makes a HopeCache
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: HopeCache | None = None,
+                                      use_cache: bool | None = True, **kwargs) -> dict:
+        """Feed only the tokens the cache has not seen (the whole prompt first, then one token).
+
+        The attention mask is not used: batches must be unpadded (or right-aligned prompts of equal length).
+        """
+        if past_key_values is not None and past_key_values.seen_tokens:
+            input_ids = input_ids[:, past_key_values.seen_tokens:]
+        return {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values, "use_cache": use_cache}
 
     def forward(
         self,

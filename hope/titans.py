@@ -84,6 +84,10 @@ class SelfModifyingTitans(nn.Module):
             return MemoryState(W1, W2)
         return MemoryState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
 
+    @staticmethod
+    def _memory_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
     def _readouts(self, z: dict[str, torch.Tensor]):
         """k, v, q, eta, log_alpha from the projection outputs z [B, H, T, d] (or [B, H, d])."""
         k = F.normalize(z["k"], dim=-1)
@@ -128,11 +132,14 @@ class SelfModifyingTitans(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         conv_state = {} if cache is not None else None
-        z = self._inputs(x, conv_state)
-        mu_log = F.logsigmoid(self.momentum_proj(x) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
+        # The memory math runs in fp32 under bf16/fp16 weights: fast-weight states accumulate
+        # over the whole sequence and feed themselves (self-generated targets).
+        dtype = self._memory_dtype(x)
+        z = {n: t.to(dtype) for n, t in self._inputs(x, conv_state).items()}
+        mu_log = F.logsigmoid(self.momentum_proj(x).to(dtype) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
 
         # Pass 1: projection memories, chunk by chunk.
-        proj_state = self._initial_state(self.adaptive, B, x.dtype) if self.adaptive else None
+        proj_state = self._initial_state(self.adaptive, B, dtype) if self.adaptive else None
         outs = {name: [] for name in ("k", "v", "q", "eta", "log_alpha")}
         Cp = cfg.projection_chunk_size
         proj_start, proj_pos = proj_state, 0
@@ -157,7 +164,7 @@ class SelfModifyingTitans(nn.Module):
         k, v, q, eta, log_alpha = (torch.cat(outs[n], dim=2) for n in ("k", "v", "q", "eta", "log_alpha"))
 
         # Pass 2: the main memory, chunk by chunk, reading after each token's write.
-        state = self._initial_state(["memory"], B, x.dtype)
+        state = self._initial_state(["memory"], B, dtype)
         Cm, chunks = cfg.chunk_size, []
         main_start, main_pos = state, 0
         for s in range(0, T, Cm):
@@ -169,7 +176,7 @@ class SelfModifyingTitans(nn.Module):
             state, o = chunk_update(state, sl(k), vhat, sl(eta), sl(log_alpha), lmu, self.act, cfg.dgd, q=sl(q))
             chunks.append(o[:, 0])
             main_pos = e - s
-        o = torch.cat(chunks, dim=2)
+        o = torch.cat(chunks, dim=2).to(x.dtype)
 
         if cache is not None:  # hand the decoding state over: chunk-start and current states
             cache.update(conv=conv_state, main=(main_start, state, main_pos % Cm),
@@ -188,11 +195,12 @@ class SelfModifyingTitans(nn.Module):
         """One token x: [B, 1, D] with carried state in `cache` (filled by forward or by step)."""
         cfg = self.config
         B = x.shape[0]
+        dtype = self._memory_dtype(x)
         if not cache:
-            cache.update(conv={}, main=(self._initial_state(["memory"], B, x.dtype),) * 2 + (0,),
-                         proj=((self._initial_state(self.adaptive, B, x.dtype),) * 2 + (0,)) if self.adaptive else None)
-        z = self._inputs(x, cache["conv"])  # [B, H, 1, d] each
-        mu = torch.sigmoid(self.momentum_proj(x[:, 0]) + self.momentum_bias)[:, None] if cfg.inner_momentum else None  # [B, 1, H]
+            cache.update(conv={}, main=(self._initial_state(["memory"], B, dtype),) * 2 + (0,),
+                         proj=((self._initial_state(self.adaptive, B, dtype),) * 2 + (0,)) if self.adaptive else None)
+        z = {n: t.to(dtype) for n, t in self._inputs(x, cache["conv"]).items()}  # [B, H, 1, d] each
+        mu = torch.sigmoid(self.momentum_proj(x[:, 0]).to(dtype) + self.momentum_bias)[:, None] if cfg.inner_momentum else None  # [B, 1, H]
 
         if self.adaptive:
             start, current, pos = cache["proj"]
@@ -211,7 +219,7 @@ class SelfModifyingTitans(nn.Module):
         start, current, pos = cache["main"]
         vhat = self._targets(v[:, None], start).squeeze(-2)
         current = token_update(current, start, k_tok, vhat, eta_tok, alpha_tok, mu, self.act, cfg.dgd)
-        o = memory_forward(q[:, None], current.W1, current.W2, self.act[0])[:, 0]  # [B, H, 1, d]
+        o = memory_forward(q[:, None], current.W1, current.W2, self.act[0])[:, 0].to(x.dtype)  # [B, H, 1, d]
         pos += 1
         cache["main"] = (current, current, 0) if pos == cfg.chunk_size else (start, current, pos)
         return self._output(o, x)

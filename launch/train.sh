@@ -46,11 +46,15 @@ PORT="${PORT:-$(( 20000 + RANDOM % 20000 ))}"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="$(command -v python3)"; fi
 fi
-ARGS=(--master_port "$PORT")
 if [ -n "$HOSTFILE" ]; then
-    ARGS+=(--hostfile "$HOSTFILE")
+    # Several nodes: DeepSpeed's runner reaches every host of the file (pdsh/ssh) and exports
+    # the KEY=VALUE lines of .deepspeed_env there.
+    ARGS=(--master_port "$PORT" --hostfile "$HOSTFILE")
     [ -n "$USER_NPROC" ] && ARGS+=(--num_gpus "$USER_NPROC")  # else: the slots of the hostfile
-else
-    ARGS+=(--num_nodes 1 --num_gpus "$NPROC")
+    exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module train.cli "$@"
 fi
-exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module train.cli "$@"
+# One node: DeepSpeed's per-node launcher directly (what the runner would start, a few seconds sooner).
+RANKS="$(seq -s, 0 $((NPROC - 1)))"
+WORLD_INFO="$(printf '{"localhost": [%s]}' "$RANKS" | base64 | tr -d '\n')"
+exec "$PYTHON" -u -m deepspeed.launcher.launch --world_info="$WORLD_INFO" --master_addr=127.0.0.1 \
+    --master_port="$PORT" --module train.cli "$@"

@@ -55,3 +55,23 @@ def test_default_corpus_is_python_source(built_concurrently):
         assert 0.01 < validation.num_samples / (train.num_samples + validation.num_samples) < 0.15  # ~5% nominal
         text = "".join(tok.decode(row.tolist()) for row in next(train))
     assert text.count("\n") > 10 and any(word in text for word in ("def ", "import ", "return", "self"))
+
+
+def test_a_builder_waits_for_the_lock_holder(tmp_path):
+    """While another process holds the build lock, prepare_default_corpus waits instead of building."""
+    import fcntl
+    import time
+
+    from data_pipeline.corpus import corpus_root
+
+    small = 300_000
+    root = corpus_root(tmp_path, 512, small)
+    root.mkdir(parents=True)
+    script = BUILD.replace("vocab_size=1024", "vocab_size=512").replace(str(MAX_BYTES), str(small))
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        time.sleep(4)  # long enough to import and (without the lock) build this small corpus
+        assert proc.poll() is None and not (root / "corpus.jsonl").exists()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and verify_dataset(out.strip()).ok

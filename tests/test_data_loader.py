@@ -54,7 +54,8 @@ def global_batches(data_dir, world_size, n, batch=12, seed=5, state=None, **kwar
     if state is not None:
         for loader in loaders:
             loader.load_state_dict(state)
-    out = [torch.cat(parts) for parts in zip(*(take(loader, n) for loader in loaders))]
+    per_rank = [take(loader, n) for loader in loaders]
+    out = [torch.cat(parts) for parts in zip(*per_rank, strict=True)]
     states = [loader.state_dict() for loader in loaders]
     for loader in loaders:
         loader.close()
@@ -100,7 +101,7 @@ def test_world_size_does_not_change_the_global_stream(data_dir):
     one, _ = global_batches(data_dir, 1, 6)
     for world_size in (2, 3, 4):
         many, _ = global_batches(data_dir, world_size, 6)
-        assert all(torch.equal(a, b) for a, b in zip(one, many))
+        assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
 
 
 @pytest.mark.parametrize("resume_world_size", [2, 3])
@@ -110,14 +111,14 @@ def test_resume_mid_epoch_equals_uninterrupted(data_dir, resume_world_size):
     assert state["samples_consumed"] == 7 * 12 and state["epoch"] == 0
     state = json.loads(json.dumps(state))  # checkpoints store it as plain data
     rest, final = global_batches(data_dir, resume_world_size, 23, state=state)
-    assert all(torch.equal(a, b) for a, b in zip(reference, first + rest))
+    assert all(torch.equal(a, b) for a, b in zip(reference, first + rest, strict=True))
     assert final["epoch"] == 30 * 12 // (sum(TRAIN_SHARDS) // (SEQ + 1))
 
 
 def test_background_workers_give_the_same_batches(data_dir):
     sync, _ = global_batches(data_dir, 2, 10, num_workers=0)
     threaded, _ = global_batches(data_dir, 2, 10, num_workers=3, prefetch=5)
-    assert all(torch.equal(a, b) for a, b in zip(sync, threaded))
+    assert all(torch.equal(a, b) for a, b in zip(sync, threaded, strict=True))
 
 
 def test_batch_shape_dtype_and_seed(data_dir):
@@ -127,7 +128,7 @@ def test_batch_shape_dtype_and_seed(data_dir):
         assert loader.vocab_size == VOCAB and len(loader.fingerprint) == 16
     a, _ = global_batches(data_dir, 1, 3, seed=0)
     b, _ = global_batches(data_dir, 1, 3, seed=1)
-    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_validation_is_deterministic_and_resets(data_dir):
@@ -137,7 +138,8 @@ def test_validation_is_deterministic_and_resets(data_dir):
         again = take(loader, 3)
     with TokenLoader(data_dir, SEQ, 4, 0, 1, seed=9, split="validation") as fresh:
         fresh_batches = take(fresh, 3)
-    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, again, fresh_batches))
+    for a, b, c in zip(first, again, fresh_batches, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
     tokens = torch.cat(first).flatten()
     assert tokens.min() >= sum(TRAIN_SHARDS), "validation batches hold train tokens"
 
@@ -200,3 +202,18 @@ def test_missing_truncated_and_foreign_shards(tmp_path):
     manifest.write_text("{not json")
     with pytest.raises(DataError, match="manifest.json: unreadable manifest"):
         TokenLoader(broken, SEQ, 4, 0, 1, seed=0)
+
+
+@pytest.mark.parametrize("vocab, dtype",
+                         [(4096, np.uint16), (65536, np.uint16), (65537, np.uint32), (1 << 20, np.uint32)])
+def test_shard_header_round_trip(vocab, dtype):
+    from data_pipeline.shards import HEADER_SIZE, decode_header
+
+    tokens = np.array([0, 1, vocab - 1], dtype=np.int64)
+    data = encode_shard(tokens, vocab, num_docs=2)
+    header = decode_header(data, "x.bin")
+    assert (header.dtype, header.vocab_size, header.num_tokens, header.num_docs) == (dtype, vocab, 3, 2)
+    assert header.file_size == len(data) and data[:8] == b"HOPETOKS"
+    assert np.array_equal(np.frombuffer(data[HEADER_SIZE:], dtype), tokens)
+    with pytest.raises(DataError, match="x.bin: truncated shard, 10 bytes is shorter than the 64-byte header"):
+        decode_header(data[:10], "x.bin")

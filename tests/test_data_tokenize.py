@@ -69,7 +69,8 @@ def test_huggingface_tokenizer_by_path(corpus, tmp_path):
 
     hf = HF(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel()
-    hf.train_from_iterator(corpus["docs"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"])
+    hf.train_from_iterator(corpus["docs"], trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path)
     assert tok.kind == "huggingface" and tok.eos_id == 1
@@ -153,7 +154,8 @@ def test_parquet_and_hf_dataset_inputs(corpus, tmp_path):
     folder = tmp_path / "pq"
     folder.mkdir()
     pq.write_table(pa.table({"text": corpus["docs"][:50], "n": list(range(50))}), folder / "part-0.parquet")
-    direct = tokenize_to_shards([str(folder / "*.parquet")], corpus["model"], str(tmp_path / "a"), SMALL, progress=False)
+    direct = tokenize_to_shards([str(folder / "*.parquet")], corpus["model"], str(tmp_path / "a"), SMALL,
+                                progress=False)
     via_hf = tokenize_to_shards([f"hfds:{folder}"], corpus["model"], str(tmp_path / "b"), SMALL, progress=False)
     assert direct.num_docs == via_hf.num_docs == 50
     assert direct.manifest.fingerprint == via_hf.manifest.fingerprint

@@ -7,7 +7,6 @@ one line naming the file, key and expectation and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 

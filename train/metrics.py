@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import secrets
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class MetricsSink:
         if wandb_mode != "disabled":
             import wandb
 
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or secrets.token_hex(4)  # kept in every checkpoint
             self.wandb_run = wandb.init(mode=wandb_mode, project=project, name=name, id=self.wandb_id,
                                         resume="allow", dir=str(run_dir), config=config)
 

@@ -170,11 +170,19 @@ class Trainer:
                 total, bad, self.data_fingerprint = all_reduce_sum(
                     [local_sum if not nonfinite else 0.0, float(nonfinite), fingerprint], self.world)
                 self.base_optimizer.skip_update = bad > 0
+                self.stage0_grad_norm = self._stage0_grad_norm()
             engine.step()
         self.base_optimizer.skip_update = False
         if bad > 0:
             return float("nan"), True
         return total / (self.world.size * len(micro_batches)), False
+
+    def _stage0_grad_norm(self) -> float | None:
+        """DeepSpeed reports no gradient norm without ZeRO in fp32; take it before the step clips."""
+        if self.engine.zero_optimization_stage() > 0 or self.engine.bfloat16_enabled():
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
     def _lr(self, step: int) -> float:
         t = self.config.train
@@ -233,11 +241,6 @@ class Trainer:
                 if self.world.is_main and bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
-                if bad_streak >= t.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad_streak} non-finite losses in a row (steps {self.state.step - bad_streak + 1}-"
-                        f"{self.state.step}); stopping. The last good checkpoint is "
-                        f"{self.checkpoints.latest_tag() or 'none'} under {self.checkpoints.root}")
                 last = self.state.step == t.max_steps
                 evaluate = last or (t.eval_every and self.state.step % t.eval_every == 0)
                 if evaluate or self.state.step % t.log_every == 0:
@@ -249,6 +252,11 @@ class Trainer:
                     if sink is not None:
                         sink.log(record)
                     window_start, window_steps = time.perf_counter(), 0
+                if bad_streak >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_streak} non-finite losses in a row (steps {self.state.step - bad_streak + 1}-"
+                        f"{self.state.step}); stopping. The last good checkpoint is "
+                        f"{self.checkpoints.latest_tag() or 'none'} under {self.checkpoints.root}")
                 preempted = any_rank(self.preemption.signal is not None, self.world)
                 due = self.state.step % t.checkpoint_every == 0 or last or preempted
                 if due and not skipped:
@@ -270,6 +278,8 @@ class Trainer:
     def _record(self, loss: float, steps: int, elapsed: float) -> dict:
         tokens_per_s = steps * self.tokens_per_step / max(elapsed, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.stage0_grad_norm
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.item()
         mfu = None

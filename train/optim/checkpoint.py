@@ -69,7 +69,8 @@ def portable_state(engine) -> dict | None:
         keys = [MASTER_KEY] + sorted(k for k, v in state.items() if torch.is_tensor(v))
         for key in keys:
             local = tensor if key == MASTER_KEY else state[key]
-            full = _assemble(layout, _gather(local, layout, opt)) if rank == 0 else {}
+            parts = _gather(local, layout, opt)  # collective: every rank, every key
+            full = _assemble(layout, parts) if rank == 0 else {}
             for name, value in full.items():
                 params.setdefault(name, {})[key] = value
         for info in layout.infos:

@@ -32,9 +32,3 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch
         x = x.mT
     return x.float()
 
-
-def singular_value_error(matrix: torch.Tensor) -> tuple[float, float]:
-    """(max |s - 1|, mean |s - 1|) over the singular values of each slice: the quality figure."""
-    s = torch.linalg.svdvals(matrix.double())
-    dev = (s - 1).abs()
-    return dev.max().item(), dev.mean().item()

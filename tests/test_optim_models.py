@@ -1,4 +1,4 @@
-"""Tiny modules with the shapes and tags of HOPE's parameters, for the optimizer tests."""
+"""Tiny modules with the shapes and tags of HOPE's parameters, for the optimizer tests (no tests here)."""
 
 from __future__ import annotations
 

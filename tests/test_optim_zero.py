@@ -1,8 +1,13 @@
-"""Worker for tests/test_optim_zero.py, launched under torchrun (DS_ACCELERATOR=cpu, gloo).
+"""train.optim inside DeepSpeed on real ranks (2 gloo processes on CPU), ZeRO 0-3.
 
+pytest side: one 2-rank launch of this same file (`main`) runs every stage x optimizer; one 1-rank
+launch (`resume`) restores the 2-rank checkpoints. Each launch costs ~10-20 s of start-up.
+
+Worker side (run under torchrun, DS_ACCELERATOR=cpu, gloo):
   main OUT   (2 ranks) for ZeRO 0-3 x adamw/muon/m3: the DeepSpeed update equals the
              single-process update; Newton-Schulz work is split across ranks, not repeated;
-             engine.save_checkpoint/load_checkpoint resumes bit-exactly; writes portable states.
+             no attach_engine is an error; engine.save_checkpoint/load_checkpoint resumes
+             bit-exactly; writes portable states.
   resume OUT (1 rank)  loads the 2-rank portable states under every stage, checks the restored
              state is bit-identical and that training continues like the 2-rank run.
 Prints one line per check; exits 1 if any failed.
@@ -12,17 +17,79 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+from datetime import timedelta
+from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train.optim.hope_optimizer as hope_optimizer  # noqa: E402
-from tests.optim_models import TinyHopeLike, make_batches  # noqa: E402
-from train.optim import OptimizerConfig, attach_engine, build_optimizer  # noqa: E402
+from tests.test_optim_models import TinyHopeLike, make_batches  # noqa: E402
+from train.optim import OptimizerConfig, OptimizerSetupError, attach_engine, build_optimizer  # noqa: E402
 from train.optim.checkpoint import load_portable_state, portable_state, save_portable_state  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(mode: str, ranks: int, out_dir: Path) -> tuple[int, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+           f"--master_port={_free_port()}", str(WORKER), mode, str(out_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _checks(output: str) -> list[str]:
+    return sorted({line for line in output.splitlines() if line.startswith(("ok ", "FAIL "))})
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("optim_zero")
+    rc, output = _launch("main", 2, out_dir)
+    return rc, output, out_dir
+
+
+@pytest.mark.timeout(300)
+def test_zero_stages_match_single_process_and_resume_exactly(two_rank_run):
+    rc, output, _ = two_rank_run
+    checks = _checks(output)
+    failed = [c for c in checks if c.startswith("FAIL")]
+    assert rc == 0 and not failed, "\n".join(failed) or output[-6000:]
+    # Every stage x optimizer was compared, NS work was split, every stage resumed.
+    for stage in range(4):
+        for algo in ("adamw", "muon", "m3"):
+            assert any(c.startswith(f"ok   ZeRO-{stage} {algo}: 2 ranks == 1 process") for c in checks)
+        for algo in ("muon", "m3"):
+            assert any(c.startswith(f"ok   ZeRO-{stage} {algo}: Newton-Schulz calls per rank") for c in checks)
+        assert any(c.startswith(f"ok   ZeRO-{stage} m3: save_checkpoint") for c in checks)
+    assert "ok   ZeRO-2 muon without attach_engine: OptimizerSetupError" in checks
+
+
+@pytest.mark.timeout(300)
+def test_state_restores_on_another_number_of_ranks(two_rank_run):
+    rc, output, out_dir = two_rank_run
+    assert rc == 0, output[-6000:]
+    rc, output = _launch("resume", 1, out_dir)
+    checks = _checks(output)
+    failed = [c for c in checks if c.startswith("FAIL")]
+    assert rc == 0 and not failed, "\n".join(failed) or output[-6000:]
+    assert len(checks) == 12, checks  # 3 checks x 4 stages
+
+
+# ---------------------------------------------------------------- worker (under torchrun)
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 8, 6, 1e-2
 TOKENS_PER_STEP = GLOBAL_BATCH * SEQ
 CMS_PERIOD_TOKENS = 2 * TOKENS_PER_STEP  # the slow level updates every 2nd step
@@ -31,15 +98,17 @@ RTOL, ATOL = 1e-4, 1e-5
 failures: list[str] = []
 
 ns_calls = {"count": 0}
-_real_ns = hope_optimizer.newton_schulz
 
 
-def _counting_ns(*args, **kwargs):
-    ns_calls["count"] += 1
-    return _real_ns(*args, **kwargs)
+def count_newton_schulz_calls() -> None:
+    """Worker only: wrap the optimizer's Newton-Schulz so each rank can count its share."""
+    real = hope_optimizer.newton_schulz
 
+    def counting(*args, **kwargs):
+        ns_calls["count"] += 1
+        return real(*args, **kwargs)
 
-hope_optimizer.newton_schulz = _counting_ns
+    hope_optimizer.newton_schulz = counting
 
 
 def check(ok: bool, what: str) -> None:
@@ -71,7 +140,7 @@ def reference_run(algo: str, batches) -> tuple[dict[str, torch.Tensor], int]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}, ns_calls["count"] - before
 
 
-def make_engine(algo: str, stage: int):
+def make_engine(algo: str, stage: int, attach: bool = True):
     import deepspeed
 
     world = torch.distributed.get_world_size()
@@ -81,7 +150,8 @@ def make_engine(algo: str, stage: int):
     model = new_model()
     opt = build_optimizer(model, optimizer_config(algo), ds_config, TOKENS_PER_STEP)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    attach_engine(engine)
+    if attach:
+        attach_engine(engine)
     return engine
 
 
@@ -115,7 +185,7 @@ def main(out_dir: str) -> None:
     references = {algo: reference_run(algo, batches) for algo in ALGOS}
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     figures = {}
     for stage in STAGES:
@@ -134,6 +204,13 @@ def main(out_dir: str) -> None:
             if algo != "adamw":
                 check(sum(per_rank) == ref_calls and min(per_rank) > 0,
                       f"ZeRO-{stage} {algo}: Newton-Schulz calls per rank {per_rank}, single process {ref_calls}")
+    # Never fall back silently: Newton-Schulz on partitions without the layout is an error.
+    engine = make_engine("muon", 2, attach=False)
+    try:
+        train(engine, batches[:1])
+        check(False, "ZeRO-2 muon without attach_engine: raised nothing")
+    except OptimizerSetupError as err:
+        check("attach_engine" in str(err), "ZeRO-2 muon without attach_engine: OptimizerSetupError")
     # Same-size resume through DeepSpeed's own checkpoint, and portable states for the 1-rank run.
     ckpt_root = os.path.join(out_dir, "ckpt")
     for stage in STAGES:
@@ -160,7 +237,7 @@ def main(out_dir: str) -> None:
 def resume(out_dir: str) -> None:
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
     batches = make_batches(STEPS, GLOBAL_BATCH, SEQ, seed=7)
     ckpt_root = os.path.join(out_dir, "ckpt")
     for stage in STAGES:
@@ -184,6 +261,7 @@ def resume(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    count_newton_schulz_calls()
     {"main": main, "resume": resume}[sys.argv[1]](sys.argv[2])
     if failures:
         print(f"{len(failures)} check(s) failed", flush=True)

@@ -1,0 +1,269 @@
+"""Hugging Face export (issue 7): ZeRO 1/2/3 checkpoints of 2 ranks -> folders that a fresh Python,
+without this project importable, loads through AutoModelForCausalLM(trust_remote_code=True) with the
+training model's logits (fp32, 1e-5) and greedy output; generate() with the recurrent cache.
+
+This file is also the torchrun worker that writes the checkpoints (run as a script).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = (1, 2, 3)
+TOKENIZER_TEXT = ["def add(a, b):\n    return a + b  # sum 12\n", "class Point:\n\tx = 1.5\n    y = 'two'\n"] * 40
+
+
+def tiny_config(mixer: str = "titans"):
+    from hope import HopeConfig
+
+    return HopeConfig(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, mixer=mixer, chunk_size=4,
+                      projection_chunk_size=4, cms_hidden_sizes=[48, 48], cms_periods=[0, 64],
+                      max_position_embeddings=128).validate()
+
+
+def run_config(cache_dir: Path) -> dict:
+    return {"data": {"path": "default", "cache_dir": str(cache_dir), "vocab_size": 320, "seq_len": 16},
+            "train": {"max_steps": 1}}
+
+
+def write_run_metadata(step_dir: Path, model_config, run_cfg: dict, step: int) -> None:
+    import yaml
+
+    (step_dir / "model_config.json").write_text(json.dumps(model_config.to_dict()))
+    (step_dir / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    (step_dir / "trainer_state.json").write_text(json.dumps({"step": step, "tokens_seen": 64 * step, "world_size": 2}))
+
+
+# ---------------------------------------------------------------- worker (under torchrun)
+def worker(out: Path) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from hope import HopeForCausalLM
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    for stage in STAGES:
+        torch.manual_seed(0)
+        model = HopeForCausalLM(tiny_config())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": stage}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        torch.manual_seed(100 + rank)  # different data per rank
+        ids = torch.randint(4, 320, (2, 12))
+        loss = engine(ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        run = out / f"zero{stage}"
+        engine.save_checkpoint(str(run / "checkpoints"), tag="step-00000001")
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+            if rank == 0:  # the training model's weights, for the comparison
+                weights = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+                torch.save(weights, run / "training_weights.pt")
+        if rank == 0:
+            write_run_metadata(run / "checkpoints" / "step-00000001", tiny_config(), run_config(out / "cache"), 1)
+            (run / "checkpoints" / "latest").write_text("step-00000001")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- fixtures
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """2-rank ZeRO 1, 2 and 3 checkpoints (one torchrun) plus the run's SentencePiece tokenizer."""
+    from data_pipeline.corpus import corpus_root
+    from data_pipeline.tokenizer import train_sentencepiece
+
+    out = tmp_path_factory.mktemp("export_runs")
+    tokenizer = corpus_root(out / "cache", 320, 6_000_000) / "tokenizer.model"
+    tokenizer.parent.mkdir(parents=True)
+    train_sentencepiece(TOKENIZER_TEXT, tokenizer, vocab_size=320, threads=1)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(Path(__file__).resolve()), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(runs) -> dict[int, Path]:
+    from train.export import export_checkpoint
+
+    folders = {}
+    for stage in STAGES:
+        folders[stage], warnings = export_checkpoint(runs / f"zero{stage}", runs / f"hf-zero{stage}", dtype="fp32")
+        assert warnings == []
+    return folders
+
+
+def training_model(runs: Path, stage: int, mixer: str = "titans"):
+    from hope import HopeForCausalLM
+
+    model = HopeForCausalLM(tiny_config(mixer)).eval()
+    model.load_state_dict(torch.load(runs / f"zero{stage}" / "training_weights.pt"))
+    return model
+
+
+# A fresh interpreter: no site (so the editable install's finder is not loaded), site-packages added
+# by hand, cwd outside the checkout, a fresh transformers module cache.
+FRESH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    try:
+        import hope
+        sys.exit("hope is importable in the fresh interpreter")
+    except ImportError:
+        pass
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folders, ids_path, out_path = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+    ids = torch.load(ids_path)
+    results = {}
+    for folder in folders:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        with torch.no_grad():
+            logits = model(ids).logits
+        greedy = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        results[folder] = {"logits": logits, "greedy": greedy, "class": type(model).__module__,
+                           "tokens": tok("x = 1  # hi")["input_ids"]}
+    torch.save(results, out_path)
+""")
+
+
+def run_fresh(folders: list[Path], ids: torch.Tensor, tmp: Path) -> dict:
+    script, ids_path, out_path = tmp / "fresh.py", tmp / "ids.pt", tmp / "out.pt"
+    script.write_text(FRESH_SCRIPT)
+    torch.save(ids, ids_path)
+    site = sysconfig.get_paths()["purelib"]
+    env = {"PATH": os.environ.get("PATH", ""), "HF_MODULES_CACHE": str(tmp / "modules"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "HOME": str(tmp)}
+    cmd = [sys.executable, "-I", "-S", "-c",
+           f"import sys; sys.path.append({site!r}); sys.argv = sys.argv[:1] + sys.argv[1:]; "
+           f"exec(open({str(script)!r}).read())", ",".join(map(str, folders)), str(ids_path), str(out_path)]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out_path, weights_only=False)
+
+
+# ---------------------------------------------------------------- tests
+def test_zero_checkpoints_of_2_ranks_consolidate_to_the_training_weights(runs, exported):
+    from safetensors.torch import load_file
+
+    for stage in STAGES:
+        reference = torch.load(runs / f"zero{stage}" / "training_weights.pt")
+        saved = load_file(exported[stage] / "model.safetensors")
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, reference[name]), (stage, name)
+        assert set(reference) - set(saved) <= {"lm_head.weight"}  # tied to the embedding
+        files = {p.name for p in exported[stage].iterdir()}
+        assert {"config.json", "generation_config.json", "tokenizer.json", "README.md", "modeling_hope.py"} <= files
+        assert not any("optim" in name or name.endswith(".pt") for name in files)
+
+
+def test_remote_code_in_fresh_interpreter_matches_training_model(runs, exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.export import export_checkpoint, write_folder, read_checkpoint
+
+    # Transformer++ exports the same way: a stage-0 style checkpoint (one full model file).
+    torch.manual_seed(3)
+    from hope import HopeForCausalLM
+
+    baseline = HopeForCausalLM(tiny_config("attention")).eval()
+    step_dir = tmp_path / "tpp" / "checkpoints" / "step-00000005"
+    step_dir.mkdir(parents=True)
+    torch.save({"module": baseline.state_dict()}, step_dir / "mp_rank_00_model_states.pt")
+    write_run_metadata(step_dir, tiny_config("attention"), run_config(runs / "cache"), 5)
+    tpp_folder, _ = export_checkpoint(step_dir, tmp_path / "hf-tpp", dtype="fp32")
+
+    ids = torch.randint(4, 320, (2, 11))
+    results = run_fresh([exported[1], exported[3], tpp_folder], ids, tmp_path)
+    for folder, model in ((exported[1], training_model(runs, 1)), (exported[3], training_model(runs, 3)),
+                          (tpp_folder, baseline)):
+        got = results[str(folder)]
+        assert got["class"].startswith("transformers_modules")  # the folder's own code, not this project
+        with torch.no_grad():
+            want = model(ids).logits
+        assert (got["logits"] - want).abs().max().item() < 1e-5
+        assert torch.equal(got["greedy"], model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+        assert got["tokens"] == AutoTokenizer.from_pretrained(folder)("x = 1  # hi")["input_ids"]
+
+
+def test_installed_package_auto_classes_know_hope_without_remote_code(exported):
+    import hope  # noqa: F401 - registers the Auto classes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hope import HopeForCausalLM
+
+    config = AutoConfig.for_model("hope")
+    assert type(config).__module__ == "hope.config"
+    model = AutoModelForCausalLM.from_pretrained(exported[2], trust_remote_code=False)
+    assert type(model) is HopeForCausalLM
+
+
+@pytest.mark.parametrize("mixer", ["titans", "attention"])
+def test_generate_with_cache_equals_without(mixer):
+    from hope import HopeForCausalLM
+
+    torch.manual_seed(0)
+    model = HopeForCausalLM(tiny_config(mixer)).eval()
+    ids = torch.randint(4, 320, (2, 9))
+    greedy = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert greedy.shape == (2, 19)
+    assert torch.equal(greedy, model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False))
+    beams = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(beams, model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False))
+    torch.manual_seed(5)
+    sampled = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20)
+    torch.manual_seed(5)
+    assert torch.equal(sampled, model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, use_cache=False))
+
+
+def test_bf16_export_and_sharding(runs, tmp_path):
+    from train.export import export_checkpoint
+
+    folder, _ = export_checkpoint(runs / "zero2", tmp_path / "hf-bf16", dtype="bf16", max_shard_size="20KB")
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16
+    reference = training_model(runs, 2)
+    assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight.bfloat16())
+
+
+def test_export_during_training_writes_step_folder_and_latest(runs):
+    from train.export import export_during_training
+
+    run_dir = runs / "zero1"
+    thread = export_during_training(run_dir, run_dir / "checkpoints" / "step-00000001", 1, dtype="fp32")
+    thread.join(timeout=120)
+    assert (run_dir / "hf" / "latest").read_text() == "step-00000001"
+    assert (run_dir / "hf" / "step-00000001" / "model.safetensors").is_file()
+    card = (run_dir / "hf" / "step-00000001" / "README.md").read_text()
+    assert "| optimizer steps | 1 |" in card and "| tokens seen | 64 |" in card
+    assert not list((run_dir / "hf").glob(".*tmp*"))
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
