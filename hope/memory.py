@@ -69,7 +69,26 @@ def _decay_matrix(log_cum: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
 
 
-def chunk_update(
+def chunk_update(*args, **kwargs):
+    """Advance memories over one chunk (see _chunk_update); compiled when enable_compile(True)."""
+    return (_compiled_chunk_update or _chunk_update)(*args, **kwargs)
+
+
+_compiled_chunk_update = None
+
+
+def enable_compile(on: bool = True):
+    """torch.compile the chunk update: one graph reused by every chunk and layer of the same shape.
+
+    It fuses the many small elementwise kernels of the closed form and removes most of the Python
+    and launch overhead of the chunk loop (docs/PERFORMANCE.md). Off by default; numerics equal the
+    eager path within float rounding.
+    """
+    global _compiled_chunk_update
+    _compiled_chunk_update = torch.compile(_chunk_update, dynamic=False) if on else None
+
+
+def _chunk_update(
     state: MemoryState,
     k: torch.Tensor,
     vhat: torch.Tensor,

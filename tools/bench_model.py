@@ -94,10 +94,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile-memory", action="store_true",
+                        help="torch.compile HOPE's chunk update only (hope.memory.enable_compile)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the HOPE config (e.g. chunk_size=128)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 memory math may use TF32 tensor cores
+    if args.compile_memory:
+        from hope.memory import enable_compile
+        enable_compile(True)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -108,7 +115,7 @@ def main(argv=None):
         "Transformer++": HopeConfig.from_yaml(CONFIGS / f"transformer-{args.size}.yaml"),
     }
     print(f"device: {device_name(device)} | torch {torch.__version__} | dtype {args.dtype} | "
-          f"seq {args.seq} x batch {args.batch} | compile {args.compile}")
+          f"seq {args.seq} x batch {args.batch} | compile {args.compile} | compile memory {args.compile_memory}")
     print(f"command: python tools/bench_model.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     results = {}
     for name, config in configs.items():

@@ -67,6 +67,9 @@ class TrainConfig:
     wandb_project: str = "hope-train"
     wandb_name: str | None = None
     peak_tflops: float | None = None  # device peak for MFU; None = known GPUs' dense bf16 peak
+    hf_export_every: int = 0  # RUN_DIR/hf/step-N at checkpoints every N steps and at the end; 0 = never
+    hf_export_dtype: str = "bf16"  # bf16 | fp32
+    hf_push_to_hub: str | None = None  # ORG/NAME: each periodic export also goes to its branch step-N
 
 
 @dataclass
@@ -275,6 +278,12 @@ def validate(config: RunConfig) -> None:
         fail("train.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
     if t.wandb not in WANDB_MODES:
         fail("train.wandb", f"one of {', '.join(WANDB_MODES)}", t.wandb)
+    if not isinstance(t.hf_export_every, int) or t.hf_export_every < 0:
+        fail("train.hf_export_every", "an int >= 0", t.hf_export_every)
+    if t.hf_export_dtype not in ("bf16", "fp32"):
+        fail("train.hf_export_dtype", "one of bf16, fp32", t.hf_export_dtype)
+    if d.path != "default" and "://" not in d.path and not Path(d.path).is_dir():
+        fail("data.path", "'default' or a directory of shards (made by hope-data)", d.path)
     if d.seq_len <= 0:
         fail("data.seq_len", "a positive int", d.seq_len)
     if d.vocab_size <= 0:

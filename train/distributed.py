@@ -45,6 +45,10 @@ def init_world() -> World:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # Ranks sharing a CPU must not each spread over every core: they would fight for them.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)

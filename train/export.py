@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import yaml
 import hope
 from hope import HopeConfig, HopeForCausalLM
 
-from .checkpoint import LATEST, TAG_PATTERN, fsync_tree, tag_for, write_atomic
+from .checkpoint import LATEST, fsync_tree, tag_for, write_atomic
 
 MODELING_FILES = ("config.py", "layers.py", "memory.py", "titans.py", "modeling_hope.py")
 AUTO_MAP = {
@@ -99,8 +100,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(info: CheckpointInfo) -> HopeForCausalLM:
-    torch.manual_seed(0)  # initial values are all overwritten; the seed only makes a failure repeatable
-    model = HopeForCausalLM(info.model_config).float().eval()
+    with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the caller's RNG alone
+        model = HopeForCausalLM(info.model_config).float().eval()
     weights = consolidated_state_dict(info.path)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if info.model_config.tie_word_embeddings else set()
@@ -176,7 +177,7 @@ def model_card(info: CheckpointInfo, name: str, dtype: str, val_loss: float | No
         lines.append(f"| parameters | {params} |")
     lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-              "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+              "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)", "```", "",
               "Training run configuration:", "", "```yaml", yaml.safe_dump(info.run_config, sort_keys=False).rstrip(),
               "```", ""]
     return "\n".join(lines)
@@ -200,6 +201,10 @@ def write_folder(model: HopeForCausalLM, info: CheckpointInfo, output: Path, dty
             warnings.append(f"no tokenizer exported: {why}")
         else:
             tokenizer.save_pretrained(tmp)
+            config_path = tmp / "tokenizer_config.json"  # the class name transformers 4 knows too
+            tokenizer_config = json.loads(config_path.read_text())
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path.write_text(json.dumps(tokenizer_config, indent=2))
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if getattr(model.config, key) is None:
                     setattr(model.config, key, getattr(tokenizer, key))
@@ -218,6 +223,8 @@ def write_folder(model: HopeForCausalLM, info: CheckpointInfo, output: Path, dty
         (tmp / "training_state.json").write_text(json.dumps(
             {"step": info.step, "tokens_seen": info.tokens_seen, "final_val_loss": val_loss,
              "checkpoint": str(info.path), "world_size": info.world_size}, indent=2))
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; the folder is meant to be shared
         fsync_tree(tmp)
         _replace_dir(tmp, output)
     finally:
@@ -242,38 +249,40 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
 
 
 # ---------------------------------------------------------------------- during training
+def export_step(run_dir: str | Path, checkpoint_dir: str | Path, step: int, dtype: str = "bf16",
+                push_to_hub: str | None = None) -> Path:
+    """RUN_DIR/hf/step-XXXXXXXX from a complete checkpoint, then RUN_DIR/hf/latest; optionally push
+    the folder to the branch step-XXXXXXXX of `push_to_hub` (ORG/NAME, private when created)."""
+    tag = tag_for(step)
+    out_root = Path(run_dir) / "hf"
+    out_root.mkdir(parents=True, exist_ok=True)
+    folder, warnings = export_checkpoint(checkpoint_dir, out_root / tag, dtype)
+    write_atomic(out_root / LATEST, tag.encode())
+    for warning in warnings:
+        print(f"[hf-export] step {step}: {warning}", file=sys.stderr)
+    if push_to_hub:
+        from .hub import push_folder
+
+        push_folder(folder, push_to_hub, revision=tag, private=True)
+    return folder
+
+
 def export_during_training(run_dir: str | Path, checkpoint_dir: str | Path, step: int, dtype: str = "bf16",
-                           push_to_hub: str | None = None, background: bool = True) -> threading.Thread | None:
-    """Rank 0, after a checkpoint is complete: RUN_DIR/hf/step-XXXXXXXX and RUN_DIR/hf/latest.
+                           push_to_hub: str | None = None) -> subprocess.Popen:
+    """Rank 0, once a checkpoint is complete: run export_step in a separate process and return at once.
 
-    Runs in a background thread (returned; join it before exiting) reading the finished checkpoint,
-    so training continues while the weights are consolidated and written. With `push_to_hub`, the
-    folder also goes to the branch `step-XXXXXXXX` of that repository.
+    A process, not a thread: consolidation and writing do not hold the trainer's GIL, cannot touch
+    its RNG or CUDA memory (the child sees no GPU), and a failure cannot kill training. Its output goes
+    to RUN_DIR/hf/export.log. Wait for the returned Popen before the trainer exits.
     """
-    run_dir = Path(run_dir)
-
-    def work():
-        tag = tag_for(step)
-        out_root = run_dir / "hf"
-        out_root.mkdir(parents=True, exist_ok=True)
-        try:
-            folder, warnings = export_checkpoint(checkpoint_dir, out_root / tag, dtype)
-            write_atomic(out_root / LATEST, tag.encode())
-            for warning in warnings:
-                print(f"[hf-export] {warning}", file=sys.stderr)
-            if push_to_hub:
-                from .hub import push_folder
-
-                push_folder(folder, push_to_hub, revision=tag, private=True)
-        except Exception as error:  # noqa: BLE001 - an export failure must not kill training
-            print(f"[hf-export] step {step}: export failed: {error}", file=sys.stderr)
-
-    if not background:
-        work()
-        return None
-    thread = threading.Thread(target=work, name=f"hf-export-{step}", daemon=False)
-    thread.start()
-    return thread
+    log_dir = Path(run_dir) / "hf"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args = json.dumps([str(run_dir), str(checkpoint_dir), step, dtype, push_to_hub])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    with open(log_dir / "export.log", "a") as log:
+        return subprocess.Popen([sys.executable, "-c", "import json, sys; from train.export import export_step; "
+                                 "export_step(*json.loads(sys.argv[1]))", args],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
 
 
 # ---------------------------------------------------------------------- CLI

@@ -29,6 +29,7 @@ import yaml
 from .checkpoint import CheckpointManager, TrainerState, rng_state, set_rng_state
 from .config import RunConfig, load_model_config, resolve_batch
 from .distributed import World, all_reduce_sum, any_rank, barrier, init_world
+from .export import export_during_training
 from .metrics import MetricsSink, device_peak_flops, peak_memory_gb
 from .optim import attach_engine, build_optimizer
 from .schedule import apply_lr, lr_at
@@ -218,6 +219,7 @@ class Trainer:
         t = self.config.train
         self.resume_if_possible()
         self.last_saved = self.state.step
+        self.hf_exports = []
         sink = None
         if self.world.is_main:
             bar = None
@@ -262,6 +264,9 @@ class Trainer:
                 if due and not skipped:
                     path = self.save()
                     self._log_main(f"checkpoint saved: {path}")
+                    if self.world.is_main and t.hf_export_every and (last or self.state.step % t.hf_export_every == 0):
+                        self.hf_exports.append(export_during_training(  # a background process (docs/EXPORT.md)
+                            self.run_dir, path, self.state.step, t.hf_export_dtype, t.hf_push_to_hub))
                     window_start = time.perf_counter()  # saving time is not training time
                 if preempted:
                     self._log_main(f"preempted (signal) at step {self.state.step}; run again to resume")
@@ -272,6 +277,8 @@ class Trainer:
                     bar.close()
                 sink.close()
             self.loader.close()
+        for export in self.hf_exports:  # let the Hugging Face exports finish before exiting
+            export.wait()
         barrier(self.world)
         return self.state.step
 
