@@ -51,7 +51,7 @@ class HopeConfig(PretrainedConfig):
         adaptive: tuple[str, ...] | list[str] = PROJECTION_MEMORIES,  # which of k,v,q,eta,alpha are memories
         self_generated_targets: bool = True,
         dgd: bool = True,
-        inner_momentum: bool = True,
+        inner_momentum: bool = False,  # docs/DESIGN_CHOICES.md #3
         decay: bool = True,
         chunk_size: int = 64,  # main memory
         projection_chunk_size: int = 64,  # the k, v, q, eta, alpha memories

@@ -140,7 +140,10 @@ def tokenizer_for_run(run_config: dict, search_roots: list[Path]):
 
         return AutoTokenizer.from_pretrained(found.parent), None
     tok = Tokenizer(found)
-    return hf_tokenizer(found, tok.bos_id, tok.eos_id, tok.pad_id), None
+    try:
+        return hf_tokenizer(found, tok.bos_id, tok.eos_id, tok.pad_id), None
+    except ValueError as error:  # e.g. a unigram model: the weights are still worth exporting
+        return None, str(error)
 
 
 def final_validation_loss(run_dir: Path | None, step: int) -> float | None:
