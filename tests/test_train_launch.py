@@ -172,6 +172,27 @@ def test_sigkill_and_restart_repeats_the_uninterrupted_run(workdir, reference, s
     assert_same_steps(records(run_dir), reference[1], LOSS_TOLERANCE)
 
 
+def test_sigkill_and_restart_with_m3_repeats_the_uninterrupted_run(workdir):
+    """The same exactness with the M3 optimizer (issue 6): its fast, slow and second-moment state
+    and the CMS levels' summed gradients come back from the checkpoint exactly (ZeRO-2)."""
+    # slow momentum every 2 steps and the slow CMS level every 2 steps (512 tokens): both fire
+    # between the checkpoint and the kill
+    sets = ("deepspeed.zero_optimization.stage=2", "optimizer.name=m3", "optimizer.lr=0.01",
+            "optimizer.m3.slow_every=2", "model.cms_periods=[0,512]")
+    rc, output = run(workdir, workdir / "m3-reference", *sets)
+    assert rc == 0, output[-3000:]
+    reference = records(workdir / "m3-reference")
+    run_dir = workdir / "m3-killed"
+    process = start(workdir, run_dir, *sets)
+    wait_for_step(process, run_dir, 3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    rc, output = run(workdir, run_dir, *sets)
+    assert rc == 0, output[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints'}" in output
+    assert_same_steps(records(run_dir), reference, LOSS_TOLERANCE)
+
+
 # ---------------------------------------------------------------------------- preemption, W&B, resharding
 def test_preemption_signal_saves_and_resume_on_one_rank_continues_wandb_run(workdir, reference):
     """SIGUSR1 to one rank: every rank saves at the end of that step and the job exits cleanly.
