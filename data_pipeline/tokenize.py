@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -84,28 +84,18 @@ def _encode_batch(texts: list[str]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- main side
-def _chunks(docs: Iterator[str], shard_chars: int) -> Iterator[list[str]]:
-    chunk, size = [], 0
+def _groups(docs: Iterable[str], min_chars: int) -> Iterator[list[str]]:
+    """Consecutive documents grouped until each group holds at least `min_chars` characters
+    (the last may hold fewer): shard-sized chunks on the main side, encode batches in workers."""
+    group, size = [], 0
     for doc in docs:
-        chunk.append(doc)
+        group.append(doc)
         size += len(doc)
-        if size >= shard_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _batches(docs: list[str], batch_chars: int) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+        if size >= min_chars:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 class _Progress:
@@ -144,12 +134,12 @@ def _encode_documents(docs: list[str], pool, settings: TokenizeSettings, bar) ->
     At most two batches per worker are in flight, so memory stays bounded however large the input.
     """
     if pool is None:
-        pieces = [_encode_batch(batch) for batch in _batches(docs, settings.batch_chars)]
+        pieces = [_encode_batch(batch) for batch in _groups(docs, settings.batch_chars)]
         bar.update(sum(map(len, pieces)))
         return np.concatenate(pieces)
     pending: deque = deque()
     pieces = []
-    for batch in _batches(docs, settings.batch_chars):
+    for batch in _groups(docs, settings.batch_chars):
         pending.append(pool.apply_async(_encode_batch, (batch,)))
         while len(pending) > 2 * settings.workers:
             pieces.append(pending.popleft().get())
@@ -201,7 +191,7 @@ def tokenize_to_shards(inputs: list[str], tokenizer_path: str, out: str,
     num_docs = tokenized = written = kept = 0
     start = time.perf_counter()
     try:
-        for chunk_id, chunk in enumerate(_chunks(iter_documents(sources, settings.text_field), settings.shard_chars)):
+        for chunk_id, chunk in enumerate(_groups(iter_documents(sources, settings.text_field), settings.shard_chars)):
             num_docs += len(chunk)
             done = record.finished(chunk_id)
             if done is not None:
