@@ -196,18 +196,18 @@ class HopeConfig(PretrainedConfig):
 
     @classmethod
     def from_fields(cls, fields: dict, source: str | None = None) -> "HopeConfig":
-        known = set(cls().to_dict()) | {"memory_hidden_size"}
-        for key in fields:
+        defaults = cls()
+        known = set(defaults.to_dict())
+        for key, value in fields.items():
             if key not in known:
                 raise ModelConfigError(key, "unknown key", source)
-        defaults = cls()
-        for key, value in fields.items():
             default = getattr(defaults, key, None)
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ModelConfigError(key, f"expected true or false, got {value!r}", source)
-            if isinstance(default, float) and not isinstance(value, (int, float)) or isinstance(value, bool) and isinstance(default, float):
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ModelConfigError(key, f"expected true or false, got {value!r}", source)
+            elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ModelConfigError(key, f"expected a number, got {value!r}", source)
-            if isinstance(default, list) and not isinstance(value, (list, tuple)):
+            elif isinstance(default, list) and not isinstance(value, (list, tuple)):
                 raise ModelConfigError(key, f"expected a list, got {value!r}", source)
         return cls(**fields).validate(source)
 

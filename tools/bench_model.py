@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
@@ -108,7 +109,6 @@ def main(argv=None):
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        import yaml
         overrides[key] = yaml.safe_load(value)
     configs = {
         "HOPE": HopeConfig.from_yaml(CONFIGS / f"{args.size}.yaml", **overrides),
