@@ -148,13 +148,6 @@ def _chunk_update(
     else:
         E = None
 
-    def w2_weights(rows: torch.Tensor, Grows: torch.Tensor, Drows: torch.Tensor) -> torch.Tensor:
-        """Sum over j of [G e_j - D u_j] (k_j . rows) for a set of query rows."""
-        out = -(Drows * (rows @ k.transpose(-1, -2))) @ u
-        if E is not None:
-            out = out + (Grows * (rows @ k.transpose(-1, -2))) @ E
-        return out
-
     # Chunk-end state (t = C).
     gC, D_C, G_C = g[..., -1], D[..., -1, :], G[..., -1, :]
     W1_new = gC[..., None, None] * W1c - (r * D_C.unsqueeze(-1)).transpose(-1, -2) @ h
@@ -174,7 +167,11 @@ def _chunk_update(
         return new_state, None
 
     # Dual form: o_t = q_t + W1_t s(W2_t q_t), with W_t after token t's write.
-    z = g.unsqueeze(-1) * (q @ W2c.transpose(-1, -2)) + w2_weights(q, G, D)
+    # W2_t q_t = g_t W2_c q_t + sum_{j<=t} [G e_j - D u_j] (k_j . q_t)
+    qk = q @ k.transpose(-1, -2)
+    z = g.unsqueeze(-1) * (q @ W2c.transpose(-1, -2)) - (D * qk) @ u
+    if E is not None:
+        z = z + (G * qk) @ E
     if momentum:
         z = z - c.unsqueeze(-1) * (q @ S2c.transpose(-1, -2))
     hq = act(z)
