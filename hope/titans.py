@@ -19,9 +19,18 @@ import torch.nn.functional as F
 
 from .config import PROJECTION_MEMORIES, HopeConfig
 from .layers import CausalDepthwiseConv, RMSNorm
+from .chunk_grad import fused_chunk_update
 from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
 
 CONV_INPUTS = ("k", "v", "q")  # Titans: a causal depthwise conv after the q, k, v projections
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _logit(p: float) -> float:
@@ -88,6 +97,24 @@ class SelfModifyingTitans(nn.Module):
     def _memory_dtype(x: torch.Tensor) -> torch.dtype:
         return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
+    def _kernel(self, x: torch.Tensor) -> str:
+        """The chunk-update implementation for this input: config.memory_kernel, 'auto' resolved."""
+        kind = self.config.memory_kernel
+        if kind != "auto":
+            return kind
+        cfg = self.config
+        usable = x.is_cuda and not cfg.inner_momentum and cfg.memory_activation == "silu" and cfg.triton_shapes_ok
+        return "triton" if usable and _triton_available() else "reference"
+
+    def _update(self, kernel: str, state: MemoryState, k, vhat, eta, log_alpha, log_mu, q=None):
+        """One chunk's writes (and read-out with q): the reference closed form or the fused op."""
+        if kernel == "reference":
+            return chunk_update(state, k, vhat, eta, log_alpha, log_mu, self.act, self.config.dgd, q=q)
+        W1, W2, o = fused_chunk_update(state.W1, state.W2, k, vhat, eta, log_alpha, q, dgd=self.config.dgd,
+                                       backend=kernel, precision=self.config.memory_kernel_precision,
+                                       act_name=self.config.memory_activation)
+        return MemoryState(W1, W2), o
+
     def _readouts(self, z: dict[str, torch.Tensor]):
         """k, v, q, eta, log_alpha from the projection outputs z [B, H, T, d] (or [B, H, d])."""
         k = F.normalize(z["k"], dim=-1)
@@ -135,6 +162,7 @@ class SelfModifyingTitans(nn.Module):
         # The memory math runs in fp32 under bf16/fp16 weights: fast-weight states accumulate
         # over the whole sequence and feed themselves (self-generated targets).
         dtype = self._memory_dtype(x)
+        kernel = self._kernel(x)
         z = {n: t.to(dtype) for n, t in self._inputs(x, conv_state).items()}
         mu_log = F.logsigmoid(self.momentum_proj(x).to(dtype) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
 
@@ -158,8 +186,8 @@ class SelfModifyingTitans(nn.Module):
                 proj_start = proj_state
                 vhat = self._targets(v.unsqueeze(1), proj_state)
                 lmu = None if mu_log is None else mu_log[:, None, :, s:e]
-                proj_state, _ = chunk_update(proj_state, k.unsqueeze(1), vhat, eta.unsqueeze(1),
-                                             log_alpha.unsqueeze(1), lmu, self.act, cfg.dgd)
+                proj_state, _ = self._update(kernel, proj_state, k.unsqueeze(1), vhat, eta.unsqueeze(1),
+                                             log_alpha.unsqueeze(1), lmu)
                 proj_pos = e - s
         k, v, q, eta, log_alpha = (torch.cat(outs[n], dim=2) for n in ("k", "v", "q", "eta", "log_alpha"))
 
@@ -173,7 +201,7 @@ class SelfModifyingTitans(nn.Module):
             main_start = state
             vhat = self._targets(sl(v), state)
             lmu = None if mu_log is None else sl(mu_log)
-            state, o = chunk_update(state, sl(k), vhat, sl(eta), sl(log_alpha), lmu, self.act, cfg.dgd, q=sl(q))
+            state, o = self._update(kernel, state, sl(k), vhat, sl(eta), sl(log_alpha), lmu, q=sl(q))
             chunks.append(o[:, 0])
             main_pos = e - s
         o = torch.cat(chunks, dim=2).to(x.dtype)

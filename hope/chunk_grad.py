@@ -1,0 +1,338 @@
+"""The chunk update of hope/memory.py with a hand-written backward that recomputes inside the chunk.
+
+Autograd through `memory._chunk_update` stores every C x C coefficient matrix of every chunk; this
+module saves only the chunk's inputs and, in the backward, recomputes the chunk and applies the
+vector-Jacobian product derived in docs/MEMORY_MATH.md ("Backward"). It is the specification of
+the Triton kernels (hope/kernels/) line for line, and their fallback on devices without Triton.
+
+Scope: no inner momentum (the default; momentum keeps the autograd path). Notation as in
+memory.py: k, vhat, q [..., C, d]; eta, la (log alpha) [..., C]; W1 [..., d, m]; W2 [..., m, d].
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .memory import activation
+
+
+def second_derivative(name: str):
+    """s'' of the memory activation (u = s'(a) * p needs it in the backward)."""
+    if name == "silu":
+        def dd_silu(a):
+            sig = torch.sigmoid(a)
+            return sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+        return dd_silu
+    if name == "gelu":
+        def dd_gelu(a):
+            pdf = torch.exp(-0.5 * a * a) / (2 * torch.pi) ** 0.5
+            return pdf * (2 - a * a)
+        return dd_gelu
+    if name == "tanh":
+        return lambda a: -2 * torch.tanh(a) * (1 - torch.tanh(a) ** 2)
+    raise ValueError(f"unknown memory activation {name!r}")
+
+
+def _masks(C: int, device):
+    lower = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    return lower, lower.tril(-1)
+
+
+def _gates(la: torch.Tensor):
+    """lg = cumsum(la); G[t,j] = exp(lg_t - lg_j) (j<=t); Gp[t,j] = exp(lg_{t-1} - lg_j) (j<t)."""
+    C = la.shape[-1]
+    lower, strict = _masks(C, la.device)
+    lg = torch.cumsum(la, dim=-1)
+    lgp = lg - la
+    zero = torch.zeros((), dtype=la.dtype, device=la.device)
+    G = torch.where(lower, (lg.unsqueeze(-1) - lg.unsqueeze(-2)).where(lower, zero).exp(), zero)
+    Gp = torch.where(strict, (lgp.unsqueeze(-1) - lg.unsqueeze(-2)).where(strict, zero).exp(), zero)
+    return lg, lgp, G, Gp
+
+
+def _unit_lower_solve(L: torch.Tensor, b: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """(I + L)^-1 b, or (I + L)^-T b; L strictly lower triangular."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    A = eye + L
+    if transpose:
+        return torch.linalg.solve_triangular(A.transpose(-1, -2), b, upper=True, unitriangular=True)
+    return torch.linalg.solve_triangular(A, b, upper=False, unitriangular=True)
+
+
+def chunk_forward(W1, W2, k, vhat, eta, la, q, dgd: bool, act_name: str = "silu"):
+    """(W1_new, W2_new, o or None): the same values as memory._chunk_update without momentum."""
+    s, ds = activation(act_name)
+    lg, lgp, G, Gp = _gates(la)
+    a = k @ W2.transpose(-1, -2)
+    h = s(a)
+    r = k + h @ W1.transpose(-1, -2) - vhat
+    u = ds(a) * (r @ W1)
+    D = G * eta.unsqueeze(-2)
+    g = lg.exp()
+    E = None
+    if dgd:
+        kk = k @ k.transpose(-1, -2)
+        rhs = -eta.unsqueeze(-1) * (lgp.exp().unsqueeze(-1) * a - ((Gp * eta.unsqueeze(-2) * kk) @ u))
+        E = _unit_lower_solve(eta.unsqueeze(-1) * Gp * kk, rhs)
+    gC = g[..., -1, None, None]
+    W1n = gC * W1 - (r * D[..., -1, :, None]).transpose(-1, -2) @ h
+    coef2 = -D[..., -1, :, None] * u
+    if E is not None:
+        coef2 = coef2 + G[..., -1, :, None] * E
+    W2n = gC * W2 + coef2.transpose(-1, -2) @ k
+    if q is None:
+        return W1n, W2n, None
+    qk = q @ k.transpose(-1, -2)
+    z = g.unsqueeze(-1) * (q @ W2.transpose(-1, -2)) - (D * qk) @ u
+    if E is not None:
+        z = z + (G * qk) @ E
+    hq = s(z)
+    read = g.unsqueeze(-1) * (hq @ W1.transpose(-1, -2)) - (D * (hq @ h.transpose(-1, -2))) @ r
+    return W1n, W2n, q + read
+
+
+def chunk_backward(W1, W2, k, vhat, eta, la, q, dgd: bool, dW1n, dW2n, do, act_name: str = "silu"):
+    """Gradients (dW1, dW2, dk, dvhat, deta, dla, dq or None) of chunk_forward, recomputing it.
+
+    Each line below is the adjoint of one forward line, in reverse order (docs/MEMORY_MATH.md).
+    """
+    s, ds = activation(act_name)
+    dds = second_derivative(act_name)
+    T = lambda x: x.transpose(-1, -2)  # noqa: E731
+    rowsum = lambda x: x.sum(-1)  # noqa: E731
+    colsum = lambda x: x.sum(-2)  # noqa: E731
+
+    # ---- recompute the forward
+    lg, lgp, G, Gp = _gates(la)
+    g, gp = lg.exp(), lgp.exp()
+    a = k @ T(W2)
+    h, sp = s(a), ds(a)
+    r = k + h @ T(W1) - vhat
+    p = r @ W1
+    u = sp * p
+    eta_col, eta_row = eta.unsqueeze(-2), eta.unsqueeze(-1)
+    D = G * eta_col
+    D_C, G_C, gC = D[..., -1, :], G[..., -1, :], g[..., -1]
+    if dgd:
+        kk = k @ T(k)
+        Dp = Gp * eta_col
+        inner = gp.unsqueeze(-1) * a - (Dp * kk) @ u
+        L = eta_row * Gp * kk
+        E = _unit_lower_solve(L, -eta_row * inner)
+
+    dG = torch.zeros_like(G)
+    dD = torch.zeros_like(D)
+    dg = torch.zeros_like(g)
+    dk = torch.zeros_like(k)
+    dh = torch.zeros_like(h)
+    da = torch.zeros_like(a)
+    du = torch.zeros_like(u)
+    dr = torch.zeros_like(r)
+    deta = torch.zeros_like(eta)
+    dE = torch.zeros_like(E) if dgd else None
+    dq = None
+
+    # ---- dual-form read-out o = q + g*(hq W1^T) - (D*(hq h^T)) r
+    dW1 = gC[..., None, None] * dW1n
+    dW2 = gC[..., None, None] * dW2n
+    if q is not None:
+        qk = q @ T(k)
+        Y = q @ T(W2)
+        z = g.unsqueeze(-1) * Y - (D * qk) @ u
+        if dgd:
+            z = z + (G * qk) @ E
+        hq = s(z)
+        hh = hq @ T(h)
+        dq = do.clone()
+        X1 = g.unsqueeze(-1) * do
+        dg += rowsum(do * (hq @ T(W1)))
+        dhq = X1 @ W1
+        dW1 += T(X1) @ hq
+        dP = -do @ T(r)
+        dr -= T(D * hh) @ do
+        dD += dP * hh
+        dhh = dP * D
+        dhq += dhh @ h
+        dh += T(dhh) @ hq
+        dz = dhq * ds(z)
+        dg += rowsum(dz * Y)
+        dY = g.unsqueeze(-1) * dz
+        dq += dY @ W2
+        dW2 += T(dY) @ q
+        dB1 = -dz @ T(u)
+        du -= T(D * qk) @ dz
+        dD += dB1 * qk
+        dqk = dB1 * D
+        if dgd:
+            dB2 = dz @ T(E)
+            dE += T(G * qk) @ dz
+            dG += dB2 * qk
+            dqk += dB2 * G
+        dq += dqk @ k
+        dk += T(dqk) @ q
+
+    # ---- chunk-end state: W2n = gC W2 + coef2^T k ; W1n = gC W1 - (r*D_C)^T h
+    dgC = (dW2n * W2).sum((-1, -2)) + (dW1n * W1).sum((-1, -2))
+    coef2 = -D_C.unsqueeze(-1) * u
+    if dgd:
+        coef2 = coef2 + G_C.unsqueeze(-1) * E
+    dcoef2 = k @ T(dW2n)
+    dk += coef2 @ dW2n
+    du -= D_C.unsqueeze(-1) * dcoef2
+    dD_C = -rowsum(dcoef2 * u)
+    if dgd:
+        dE += G_C.unsqueeze(-1) * dcoef2
+        dG[..., -1, :] += rowsum(dcoef2 * E)
+    dR = -h @ T(dW1n)
+    dh -= (r * D_C.unsqueeze(-1)) @ dW1n
+    dr += D_C.unsqueeze(-1) * dR
+    dD_C = dD_C + rowsum(dR * r)
+    dD[..., -1, :] += dD_C
+    dg[..., -1] += dgC
+
+    # ---- gated delta rule: E = (I + L)^-1 rhs, rhs = -eta * inner
+    if dgd:
+        drhs = _unit_lower_solve(L, dE, transpose=True)
+        dL = torch.tril(-drhs @ T(E), -1)
+        deta += rowsum(dL * Gp * kk)
+        dGp = dL * eta_row * kk
+        dkk = dL * eta_row * Gp
+        deta -= rowsum(drhs * inner)
+        dinner = -eta_row * drhs
+        dgp = rowsum(dinner * a)
+        da += gp.unsqueeze(-1) * dinner
+        dB3 = -dinner @ T(u)
+        du -= T(Dp * kk) @ dinner
+        dDp = dB3 * kk
+        dkk += dB3 * Dp
+        dGp += dDp * eta_col
+        deta += colsum(dDp * Gp)
+        dk += (dkk + T(dkk)) @ k
+
+    # ---- D = G * eta_j ; gates from lg = cumsum(la)
+    dG += dD * eta_col
+    deta += colsum(dD * G)
+    dGG = dG * G
+    dlg = rowsum(dGG) - colsum(dGG) + dg * g
+    if dgd:
+        dGpGp = dGp * Gp
+        dlgp = rowsum(dGpGp) + dgp * gp
+        dlg = dlg - colsum(dGpGp) + dlgp
+        dla = -dlgp
+    else:
+        dla = torch.zeros_like(la)
+    dla = dla + dlg.flip(-1).cumsum(-1).flip(-1)
+
+    # ---- inner gradients at the chunk-start state
+    dp = sp * du
+    da += p * dds(a) * du
+    dr += dp @ T(W1)
+    dW1 += T(r) @ dp
+    dk += dr
+    dvhat = -dr
+    dh += dr @ W1
+    dW1 += T(dr) @ h
+    da += dh * sp
+    dk += da @ W2
+    dW2 += T(da) @ k
+    return dW1, dW2, dk, dvhat, deta, dla, dq
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd op: one chunk, forward and recomputing backward, in PyTorch or in Triton.
+
+def delta_rule_inverse(k: torch.Tensor, eta: torch.Tensor, la: torch.Tensor) -> torch.Tensor:
+    """T = (I + L)^-1, L[t,j] = eta_t Gp[t,j] (k_t . k_j): the gated delta rule's UT inverse.
+
+    It depends on k, eta, alpha only (not on the memory state), so it is one batched triangular
+    solve per chunk, outside the kernels; its gradient flows through L inside them.
+    """
+    _, _, _, Gp = _gates(la)
+    L = eta.unsqueeze(-1) * Gp * (k @ k.transpose(-1, -2))
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return torch.linalg.solve_triangular(eye + L, eye, upper=False, unitriangular=True).contiguous()
+
+
+def _triton_fwd(W1, W2, k, vhat, eta, la, q, Ti, dgd, precision):
+    from .triton_chunk import chunk_fwd_kernel
+    *lead, C, d = k.shape
+    m = W1.shape[-1]
+    n = W1.numel() // (d * m)
+    W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
+    o = torch.empty_like(q) if q is not None else None
+    dummy = k  # never read when the flag is off
+    chunk_fwd_kernel[(n,)](W1, W2, k, vhat, eta, la, q if q is not None else dummy,
+                           Ti if Ti is not None else dummy, W1n, W2n, o if o is not None else dummy,
+                           C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=precision, num_warps=_WARPS)
+    return W1n, W2n, o
+
+
+def _triton_bwd(W1, W2, k, vhat, eta, la, q, Ti, dgd, dW1n, dW2n, do, precision):
+    from .triton_chunk import chunk_bwd_kernel
+    *lead, C, d = k.shape
+    m = W1.shape[-1]
+    n = W1.numel() // (d * m)
+    dW1, dW2, dk, dvhat = (torch.empty_like(t) for t in (W1, W2, k, vhat))
+    deta, dla = torch.empty_like(eta), torch.empty_like(la)
+    dq = torch.empty_like(q) if q is not None else None
+    dummy = k
+    chunk_bwd_kernel[(n,)](W1, W2, k, vhat, eta, la, q if q is not None else dummy,
+                           Ti if Ti is not None else dummy, dW1n, dW2n, do if do is not None else dummy,
+                           dW1, dW2, dk, dvhat, deta, dla, dq if dq is not None else dummy,
+                           C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=precision, num_warps=_WARPS)
+    return dW1, dW2, dk, dvhat, deta, dla, dq
+
+
+_WARPS = int(os.environ.get("HOPE_TRITON_WARPS", "4"))  # tuning knob for the kernels
+
+
+class ChunkUpdate(torch.autograd.Function):
+    """(W1, W2, k, vhat, eta, la, q) -> (W1_new, W2_new, o): saves the inputs only."""
+
+    @staticmethod
+    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, precision, act_name):
+        lead = torch.broadcast_shapes(W1.shape[:-2], k.shape[:-2], vhat.shape[:-2], eta.shape[:-1], la.shape[:-1],
+                                      *([q.shape[:-2]] if q is not None else []))
+        C, d = k.shape[-2:]
+        full = lambda t, *tail: t.expand(*lead, *tail).contiguous()  # noqa: E731
+        ins = (full(W1, *W1.shape[-2:]), full(W2, *W2.shape[-2:]), full(k, C, d), full(vhat, C, d),
+               full(eta, C), full(la, C), None if q is None else full(q, C, d))
+        Ti = delta_rule_inverse(ins[2], ins[4], ins[5]) if dgd and backend == "triton" else None
+        ctx.save_for_backward(*ins[:6], ins[6], Ti)
+        ctx.shapes = [t.shape for t in (W1, W2, k, vhat, eta, la)] + [None if q is None else q.shape]
+        ctx.dgd, ctx.backend, ctx.precision, ctx.act_name = dgd, backend, precision, act_name
+        if backend == "triton":
+            return _triton_fwd(*ins, Ti, dgd, precision)
+        return chunk_forward(*ins, dgd, act_name)
+
+    @staticmethod
+    def backward(ctx, dW1n, dW2n, do):
+        W1, W2, k, vhat, eta, la, q, Ti = ctx.saved_tensors
+        dW1n, dW2n = dW1n.contiguous(), dW2n.contiguous()
+        do = None if q is None else (torch.zeros_like(q) if do is None else do.contiguous())
+        if ctx.backend == "triton":
+            grads = _triton_bwd(W1, W2, k, vhat, eta, la, q, Ti, ctx.dgd, dW1n, dW2n, do, ctx.precision)
+        else:
+            grads = chunk_backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name)
+        grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
+        return (*grads, None, None, None, None)
+
+
+def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", precision: str = "ieee",
+                       act_name: str = "silu"):
+    """One chunk's writes (and read-out if q is given) with a recomputing backward.
+
+    backend "torch": chunk_forward / chunk_backward above (any device); "triton": the kernels of
+    hope/triton_chunk.py (CUDA, or CPU under TRITON_INTERPRET=1; SiLU only). No momentum; fp32.
+    """
+    C = k.shape[-2]
+    padded = max(16, 1 << (C - 1).bit_length()) if backend == "triton" else C
+    if padded != C:  # tl.dot wants power-of-two sizes >= 16. Tokens with eta = 0 and alpha = 1 write
+        # nothing and later tokens never affect earlier ones, so zero padding at the end is exact.
+        pad = padded - C
+        k, vhat, eta, la = F.pad(k, (0, 0, 0, pad)), F.pad(vhat, (0, 0, 0, pad)), F.pad(eta, (0, pad)), F.pad(la, (0, pad))
+        q = None if q is None else F.pad(q, (0, 0, 0, pad))
+    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, precision, act_name)
+    return W1n, W2n, (None if o is None else o[..., :C, :])

@@ -1,0 +1,182 @@
+"""The fused chunk update: hand-written backward (hope/chunk_grad.py) and Triton kernels
+(hope/triton_chunk.py) against autograd through the closed form and the per-token float64 reference.
+
+Without CUDA the Triton kernels run in Triton's interpreter (numpy, exact fp32 matmuls); on a GPU
+the `gpu` tests run them compiled at every matmul precision.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of hope.triton_chunk
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hope import HopeConfig, HopeForCausalLM  # noqa: E402
+from hope.chunk_grad import chunk_backward, fused_chunk_update  # noqa: E402
+from hope.memory import MemoryState, _chunk_update, activation  # noqa: E402
+from hope.reference import reference_forward  # noqa: E402
+from test_hope_model import VARIANTS, rel_err, tiny_layer  # noqa: E402
+
+triton = pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def chunk_inputs(lead, C, d, m, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    W1, W2 = rnd(*lead, d, m) * 0.5, rnd(*lead, m, d) * 0.5
+    k = torch.nn.functional.normalize(rnd(*lead, C, d), dim=-1)
+    vhat, q = rnd(*lead, C, d), rnd(*lead, C, d)
+    eta = torch.rand(*lead, C, generator=g, dtype=dtype)
+    la = -0.3 * torch.rand(*lead, C, generator=g, dtype=dtype)
+    return [t.to(device) for t in (W1, W2, k, vhat, eta, la, q)]
+
+
+def outputs_and_grads(fn, inputs, with_q: bool, seed: int = 1):
+    xs = [t.clone().requires_grad_(True) for t in inputs]
+    if not with_q:
+        xs[6] = None
+    outs = [o for o in fn(*xs) if o is not None]
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    return outs, [x.grad for x in xs if x is not None]
+
+
+def worst(a_list, b_list) -> float:
+    return max(rel_err(a, b) for a, b in zip(a_list, b_list))
+
+
+def closed_form(act_name, dgd):
+    def run(W1, W2, k, vhat, eta, la, q):
+        state, o = _chunk_update(MemoryState(W1, W2), k, vhat, eta, la, None, activation(act_name), dgd, q=q)
+        return state.W1, state.W2, o
+    return run
+
+
+def fused(backend, dgd, precision="ieee", act_name="silu"):
+    return lambda *xs: fused_chunk_update(*xs, dgd=dgd, backend=backend, precision=precision, act_name=act_name)
+
+
+@pytest.mark.parametrize("act_name", ["silu", "gelu", "tanh"])
+@pytest.mark.parametrize("dgd", [True, False])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_manual_backward_equals_autograd_float64(act_name, dgd, with_q):
+    inputs = chunk_inputs((3,), 8, 5, 6, dtype=torch.float64)
+    ref_out, ref_grad = outputs_and_grads(closed_form(act_name, dgd), inputs, with_q)
+    out, grad = outputs_and_grads(fused("torch", dgd, act_name=act_name), inputs, with_q)
+    assert worst(out, ref_out) < 1e-12
+    assert worst(grad, ref_grad) < 1e-12
+
+
+def test_manual_backward_handles_broadcast_gates():
+    """Projection memories share k, eta, alpha across the memory dim: gradients sum over it."""
+    W1, W2, k, vhat, eta, la, q = chunk_inputs((2, 3, 2), 8, 5, 6, dtype=torch.float64)
+    inputs = [W1, W2, k[:, :1], vhat, eta[:, :1], la[:, :1], q]
+    ref_out, ref_grad = outputs_and_grads(closed_form("silu", True), inputs, False)
+    out, grad = outputs_and_grads(fused("torch", True), inputs, False)
+    assert [g.shape for g in grad] == [t.shape for t in inputs[:6]]
+    assert worst(out, ref_out) < 1e-12 and worst(grad, ref_grad) < 1e-12
+
+
+@pytest.mark.parametrize("C,d,m", [(16, 16, 16), (16, 32, 16), (32, 16, 32), (11, 16, 16)])
+@pytest.mark.parametrize("dgd", [True, False])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_triton_kernels_equal_pytorch(C, d, m, dgd, with_q):
+    """C=11 is padded to 16 inside fused_chunk_update (tokens that write nothing)."""
+    device = "cuda" if CUDA else "cpu"
+    inputs = chunk_inputs((2, 3), C, d, m, device=device)
+    ref_out, ref_grad = outputs_and_grads(fused("torch", dgd), inputs, with_q)
+    out, grad = outputs_and_grads(fused("triton", dgd, precision="ieee"), inputs, with_q)
+    assert worst(out, ref_out) < 1e-5
+    assert worst(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("variant", sorted(v for v in VARIANTS if v != "momentum"))
+def test_fused_torch_path_equals_per_token_reference(variant):
+    """The recomputing backward inside the model, against HOPE_SPEC.md's float64 reference."""
+    layer = tiny_layer(chunk_size=4, projection_chunk_size=8, memory_kernel="torch", **VARIANTS[variant])
+    x = torch.randn(2, 13, 16, dtype=torch.float64, requires_grad=True)
+    fast, ref = layer(x), reference_forward(layer, x)
+    assert rel_err(fast, ref) < 1e-6
+    w = torch.randn_like(ref)
+    params = [x] + [p for p in layer.parameters()]
+    g_fast = torch.autograd.grad((fast * w).sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        if b is not None and b.abs().sum() > 0:
+            assert rel_err(a, b) < 1e-6
+
+
+def small_hope(kernel: str, precision: str = "ieee", **overrides) -> HopeForCausalLM:
+    torch.manual_seed(0)
+    fields = dict(vocab_size=97, hidden_size=32, num_layers=1, num_heads=2, chunk_size=8, projection_chunk_size=8,
+                  cms_hidden_sizes=[64], cms_periods=[0], memory_kernel=kernel, memory_kernel_precision=precision)
+    fields.update(overrides)
+    return HopeForCausalLM(HopeConfig(**fields).validate())
+
+
+def loss_and_grads(model, ids):
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_model_with_fused_kernels_equals_reference(kernel):
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = loss_and_grads(small_hope("reference"), ids)
+    loss, grads = loss_and_grads(small_hope(kernel), ids)
+    assert abs(loss - ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, name
+
+
+def test_config_refuses_what_the_kernels_cannot_do():
+    from hope.config import ModelConfigError
+    with pytest.raises(ModelConfigError, match="memory_kernel"):
+        HopeConfig(memory_kernel="triton", inner_momentum=True).validate()
+    with pytest.raises(ModelConfigError, match="silu"):
+        HopeConfig(memory_kernel="triton", memory_activation="gelu").validate()
+    with pytest.raises(ModelConfigError, match="powers of two"):
+        HopeConfig(hidden_size=48, num_heads=4, memory_kernel="triton").validate()
+    with pytest.raises(ModelConfigError, match="memory_kernel_precision"):
+        HopeConfig(memory_kernel_precision="fp8").validate()
+
+
+# --------------------------------------------------------------------------- GPU only
+PRECISION_TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-4, "tf32": 3e-2}
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", sorted(PRECISION_TOLERANCE))
+@pytest.mark.parametrize("C,d,m", [(64, 64, 64), (32, 64, 128), (64, 128, 64), (64, 64, 32)])
+def test_compiled_kernels_against_float64(precision, C, d, m):
+    """Every compiled variant against the float64 closed form (itself proven = the per-token reference)."""
+    inputs = chunk_inputs((4, 5), C, d, m, device="cuda")
+    ref_out, ref_grad = outputs_and_grads(closed_form("silu", True), [t.double() for t in inputs], True)
+    out, grad = outputs_and_grads(fused("triton", True, precision), inputs, True)
+    tol = PRECISION_TOLERANCE[precision]
+    assert worst(out, ref_out) < tol
+    assert worst(grad, ref_grad) < tol
+
+
+@gpu
+@needs_cuda
+def test_bf16_model_with_kernels_tracks_reference():
+    ids = torch.randint(0, 97, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
+    fields = dict(hidden_size=128, num_heads=2, chunk_size=64, projection_chunk_size=64)
+    ref = small_hope("reference", **fields).cuda().to(torch.bfloat16)
+    fast = small_hope("triton", "tf32", **fields).cuda().to(torch.bfloat16)
+    ref_loss, ref_grads = loss_and_grads(ref, ids)
+    loss, grads = loss_and_grads(fast, ids)
+    assert abs(loss.float() - ref_loss.float()) < 1e-2
+    for name, g in ref_grads.items():
+        assert (grads[name].float() - g.float()).norm() <= 5e-2 * g.float().norm() + 1e-6, name
