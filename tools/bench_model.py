@@ -45,6 +45,15 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """`--set key=value` items -> {key: value}, each value parsed as a YAML scalar."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def time_model(config: HopeConfig, args, device, dtype) -> dict:
     torch.manual_seed(0)
     model = HopeForCausalLM(config).to(device=device, dtype=dtype).train()
@@ -106,10 +115,7 @@ def main(argv=None):
     if args.compile_memory:
         from hope.memory import enable_compile
         enable_compile(True)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_overrides(args.set)
     configs = {
         "HOPE": HopeConfig.from_yaml(CONFIGS / f"{args.size}.yaml", **overrides),
         "Transformer++": HopeConfig.from_yaml(CONFIGS / f"transformer-{args.size}.yaml"),
