@@ -1,16 +1,15 @@
 """The chunk update of hope/memory.py with a hand-written backward that recomputes inside the chunk.
 
-Autograd through `memory._chunk_update` stores every C x C coefficient matrix of every chunk; this
-module saves only the chunk's inputs and, in the backward, recomputes the chunk and applies the
-vector-Jacobian product derived in docs/MEMORY_MATH.md ("Backward"). It is the specification of
-the Triton kernels (hope/kernels/) line for line, and their fallback on devices without Triton.
+Autograd through `memory._chunk_update` stores every C x C coefficient matrix of every chunk and
+launches one kernel per op; this module saves only the chunk's inputs and, in the backward,
+recomputes the chunk and applies its vector-Jacobian product (each line the adjoint of one forward
+line). Both directions are plain tensor code with no autograd and no triangular solve, so
+torch.compile fuses each into a handful of kernels (`memory_kernel: compiled`, the CUDA default).
 
 Scope: no inner momentum (the default; momentum keeps the autograd path). Notation as in
 memory.py: k, vhat, q [..., C, d]; eta, la (log alpha) [..., C]; W1 [..., d, m]; W2 [..., m, d].
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +51,29 @@ def _gates(la: torch.Tensor):
     return lg, lgp, G, Gp
 
 
-def _unit_lower_solve(L: torch.Tensor, b: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """(I + L)^-1 b, or (I + L)^-T b; L strictly lower triangular."""
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-    A = eye + L
-    if transpose:
-        return torch.linalg.solve_triangular(A.transpose(-1, -2), b, upper=True, unitriangular=True)
-    return torch.linalg.solve_triangular(A, b, upper=False, unitriangular=True)
+def unit_lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    """(I + L)^-1 for strictly lower triangular L [..., C, C], by doubling 2x2 block inversions.
+
+    [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]], from 1x1 blocks up: log2(C) levels of
+    two batched matmuls, every product one of true inverse blocks (no cancellation, unlike a
+    Neumann series). Batched triangular solves are slow on GPUs for many small matrices; this is
+    matmuls only. C is padded to a power of two with zeros (identity rows).
+    """
+    C = L.shape[-1]
+    P = 1 << max(0, (C - 1).bit_length())
+    if P != C:
+        L = F.pad(L, (0, P - C, 0, P - C))
+    lead = L.shape[:-2]
+    T = torch.ones(*lead, P, 1, 1, dtype=L.dtype, device=L.device)  # the 1x1 diagonal blocks
+    s = 1
+    while s < P:
+        nb = P // (2 * s)  # diagonal blocks of the next level: [..., nb, 2s, 2s]
+        blocks = L.reshape(*lead, nb, 2 * s, nb, 2 * s).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        T11, T22 = T[..., 0::2, :, :], T[..., 1::2, :, :]
+        T21 = -(T22 @ blocks[..., s:, :s] @ T11)
+        T = torch.cat([torch.cat([T11, torch.zeros_like(T11)], dim=-1), torch.cat([T21, T22], dim=-1)], dim=-2)
+        s *= 2
+    return T[..., 0, :C, :C]
 
 
 def chunk_forward(W1, W2, k, vhat, eta, la, q, dgd: bool, act_name: str = "silu"):
@@ -75,7 +90,7 @@ def chunk_forward(W1, W2, k, vhat, eta, la, q, dgd: bool, act_name: str = "silu"
     if dgd:
         kk = k @ k.transpose(-1, -2)
         rhs = -eta.unsqueeze(-1) * (lgp.exp().unsqueeze(-1) * a - ((Gp * eta.unsqueeze(-2) * kk) @ u))
-        E = _unit_lower_solve(eta.unsqueeze(-1) * Gp * kk, rhs)
+        E = unit_lower_inverse(eta.unsqueeze(-1) * Gp * kk) @ rhs
     gC = g[..., -1, None, None]
     W1n = gC * W1 - (r * D[..., -1, :, None]).transpose(-1, -2) @ h
     coef2 = -D[..., -1, :, None] * u
@@ -120,7 +135,8 @@ def chunk_backward(W1, W2, k, vhat, eta, la, q, dgd: bool, dW1n, dW2n, do, act_n
         Dp = Gp * eta_col
         inner = gp.unsqueeze(-1) * a - (Dp * kk) @ u
         L = eta_row * Gp * kk
-        E = _unit_lower_solve(L, -eta_row * inner)
+        Ti = unit_lower_inverse(L)
+        E = Ti @ (-eta_row * inner)
 
     dG = torch.zeros_like(G)
     dD = torch.zeros_like(D)
@@ -194,7 +210,7 @@ def chunk_backward(W1, W2, k, vhat, eta, la, q, dgd: bool, dW1n, dW2n, do, act_n
 
     # ---- gated delta rule: E = (I + L)^-1 rhs, rhs = -eta * inner
     if dgd:
-        drhs = _unit_lower_solve(L, dE, transpose=True)
+        drhs = T(Ti) @ dE
         dL = torch.tril(-drhs @ T(E), -1)
         deta += rowsum(dL * Gp * kk)
         dGp = dL * eta_row * kk
@@ -241,98 +257,55 @@ def chunk_backward(W1, W2, k, vhat, eta, la, q, dgd: bool, dW1n, dW2n, do, act_n
 
 
 # ---------------------------------------------------------------------------------------------
-# The autograd op: one chunk, forward and recomputing backward, in PyTorch or in Triton.
+# The autograd op: one chunk, forward and recomputing backward, eager or compiled.
 
-def delta_rule_inverse(k: torch.Tensor, eta: torch.Tensor, la: torch.Tensor) -> torch.Tensor:
-    """T = (I + L)^-1, L[t,j] = eta_t Gp[t,j] (k_t . k_j): the gated delta rule's UT inverse.
-
-    It depends on k, eta, alpha only (not on the memory state), so it is one batched triangular
-    solve per chunk, outside the kernels; its gradient flows through L inside them.
-    """
-    _, _, _, Gp = _gates(la)
-    L = eta.unsqueeze(-1) * Gp * (k @ k.transpose(-1, -2))
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
-    return torch.linalg.solve_triangular(eye + L, eye, upper=False, unitriangular=True).contiguous()
+_COMPILED: dict[str, object] = {}
 
 
-def _triton_fwd(W1, W2, k, vhat, eta, la, q, Ti, dgd, precision):
-    from .triton_chunk import chunk_fwd_kernel
-    *lead, C, d = k.shape
-    m = W1.shape[-1]
-    n = W1.numel() // (d * m)
-    W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
-    o = torch.empty_like(q) if q is not None else None
-    dummy = k  # never read when the flag is off
-    chunk_fwd_kernel[(n,)](W1, W2, k, vhat, eta, la, q if q is not None else dummy,
-                           Ti if Ti is not None else dummy, W1n, W2n, o if o is not None else dummy,
-                           C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=precision, num_warps=_WARPS)
-    return W1n, W2n, o
-
-
-def _triton_bwd(W1, W2, k, vhat, eta, la, q, Ti, dgd, dW1n, dW2n, do, precision):
-    from .triton_chunk import chunk_bwd_kernel
-    *lead, C, d = k.shape
-    m = W1.shape[-1]
-    n = W1.numel() // (d * m)
-    dW1, dW2, dk, dvhat = (torch.empty_like(t) for t in (W1, W2, k, vhat))
-    deta, dla = torch.empty_like(eta), torch.empty_like(la)
-    dq = torch.empty_like(q) if q is not None else None
-    dummy = k
-    chunk_bwd_kernel[(n,)](W1, W2, k, vhat, eta, la, q if q is not None else dummy,
-                           Ti if Ti is not None else dummy, dW1n, dW2n, do if do is not None else dummy,
-                           dW1, dW2, dk, dvhat, deta, dla, dq if dq is not None else dummy,
-                           C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=precision, num_warps=_WARPS)
-    return dW1, dW2, dk, dvhat, deta, dla, dq
-
-
-_WARPS = int(os.environ.get("HOPE_TRITON_WARPS", "4"))  # tuning knob for the kernels
+def _implementation(backend: str):
+    """(forward, backward) functions: eager, or torch.compile'd once per process (shapes specialise)."""
+    if backend == "torch":
+        return chunk_forward, chunk_backward
+    if backend != "compiled":
+        raise ValueError(f"unknown chunk backend {backend!r}")
+    if not _COMPILED:
+        _COMPILED.update(forward=torch.compile(chunk_forward, dynamic=False),
+                         backward=torch.compile(chunk_backward, dynamic=False))
+    return _COMPILED["forward"], _COMPILED["backward"]
 
 
 class ChunkUpdate(torch.autograd.Function):
     """(W1, W2, k, vhat, eta, la, q) -> (W1_new, W2_new, o): saves the inputs only."""
 
     @staticmethod
-    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, precision, act_name):
-        lead = torch.broadcast_shapes(W1.shape[:-2], k.shape[:-2], vhat.shape[:-2], eta.shape[:-1], la.shape[:-1],
-                                      *([q.shape[:-2]] if q is not None else []))
-        C, d = k.shape[-2:]
-        full = lambda t, *tail: t.expand(*lead, *tail).contiguous()  # noqa: E731
-        ins = (full(W1, *W1.shape[-2:]), full(W2, *W2.shape[-2:]), full(k, C, d), full(vhat, C, d),
-               full(eta, C), full(la, C), None if q is None else full(q, C, d))
-        Ti = delta_rule_inverse(ins[2], ins[4], ins[5]) if dgd and backend == "triton" else None
-        ctx.save_for_backward(*ins[:6], ins[6], Ti)
-        ctx.shapes = [t.shape for t in (W1, W2, k, vhat, eta, la)] + [None if q is None else q.shape]
-        ctx.dgd, ctx.backend, ctx.precision, ctx.act_name = dgd, backend, precision, act_name
-        if backend == "triton":
-            return _triton_fwd(*ins, Ti, dgd, precision)
-        return chunk_forward(*ins, dgd, act_name)
+    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, act_name):
+        inputs = (W1, W2, k, vhat, eta, la, q)
+        ctx.shapes = [None if x is None else x.shape for x in inputs]
+        # Broadcast every input to the full batch of memories (views), so that the hand-written
+        # backward accumulates in place; its gradients are summed back to the input shapes.
+        tails = (2, 2, 2, 2, 1, 1, 2)  # trailing non-batch dims: matrices, then eta and la [..., C]
+        lead = torch.broadcast_shapes(*(x.shape[:x.ndim - t] for x, t in zip(inputs, tails) if x is not None))
+        inputs = [None if x is None else x.expand(*lead, *x.shape[x.ndim - t:]) for x, t in zip(inputs, tails)]
+        ctx.save_for_backward(*inputs)
+        ctx.dgd, ctx.backend, ctx.act_name = dgd, backend, act_name
+        forward, _ = _implementation(backend)
+        return forward(*inputs, dgd, act_name)
 
     @staticmethod
     def backward(ctx, dW1n, dW2n, do):
-        W1, W2, k, vhat, eta, la, q, Ti = ctx.saved_tensors
-        dW1n, dW2n = dW1n.contiguous(), dW2n.contiguous()
-        do = None if q is None else (torch.zeros_like(q) if do is None else do.contiguous())
-        if ctx.backend == "triton":
-            grads = _triton_bwd(W1, W2, k, vhat, eta, la, q, Ti, ctx.dgd, dW1n, dW2n, do, ctx.precision)
-        else:
-            grads = chunk_backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name)
+        W1, W2, k, vhat, eta, la, q = ctx.saved_tensors
+        if q is not None and do is None:
+            do = torch.zeros_like(q)
+        _, backward = _implementation(ctx.backend)
+        grads = backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name)
         grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
-def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", precision: str = "ieee",
-                       act_name: str = "silu"):
-    """One chunk's writes (and read-out if q is given) with a recomputing backward.
+def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", act_name: str = "silu"):
+    """One chunk's writes (and read-out if q is given) with a recomputing backward; no momentum.
 
-    backend "torch": chunk_forward / chunk_backward above (any device); "triton": the kernels of
-    hope/triton_chunk.py (CUDA, or CPU under TRITON_INTERPRET=1; SiLU only). No momentum; fp32.
+    Inputs broadcast like memory._chunk_update's (the projection memories share k, eta, alpha);
+    gradients are summed back to each input's shape.
     """
-    C = k.shape[-2]
-    padded = max(16, 1 << (C - 1).bit_length()) if backend == "triton" else C
-    if padded != C:  # tl.dot wants power-of-two sizes >= 16. Tokens with eta = 0 and alpha = 1 write
-        # nothing and later tokens never affect earlier ones, so zero padding at the end is exact.
-        pad = padded - C
-        k, vhat, eta, la = F.pad(k, (0, 0, 0, pad)), F.pad(vhat, (0, 0, 0, pad)), F.pad(eta, (0, pad)), F.pad(la, (0, pad))
-        q = None if q is None else F.pad(q, (0, 0, 0, pad))
-    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, precision, act_name)
-    return W1n, W2n, (None if o is None else o[..., :C, :])
+    return ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name)

@@ -20,10 +20,9 @@ from transformers import PretrainedConfig
 PROJECTION_MEMORIES = ("k", "v", "q", "eta", "alpha")
 # How the chunk update runs: "reference" = autograd through hope/memory.py (stores every chunk's
 # intermediates); "torch" = hope/chunk_grad.py (saves inputs, recomputes in the backward);
-# "triton" = the fused kernels of hope/triton_chunk.py; "auto" = triton on CUDA when importable
-# and the config allows it, else reference.
-MEMORY_KERNELS = ("auto", "reference", "torch", "triton")
-KERNEL_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# "compiled" = the same under torch.compile; "auto" = compiled on CUDA when the config allows it
+# (no inner momentum), else reference.
+MEMORY_KERNELS = ("auto", "reference", "torch", "compiled")
 MIXERS = ("titans", "attention")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 
@@ -68,8 +67,7 @@ class HopeConfig(PretrainedConfig):
         alpha_init: float = 0.98,  # initial retention (1 = no decay)
         momentum_init: float = 0.9,
         output_gate: bool = True,
-        memory_kernel: str = "auto",  # auto | reference | torch | triton (docs/PERFORMANCE.md)
-        memory_kernel_precision: str = "tf32",  # matmul precision inside the Triton kernels: ieee | tf32x3 | tf32
+        memory_kernel: str = "auto",  # auto | reference | torch | compiled (MEMORY_KERNELS above)
         # --- continuum memory system (section 3): one residual SwiGLU MLP per level ---
         cms_hidden_sizes: tuple[int, ...] | list[int] = (2816,),
         cms_periods: tuple[int, ...] | list[int] = (0,),  # tokens between updates; 0 = every step
@@ -108,7 +106,6 @@ class HopeConfig(PretrainedConfig):
         self.momentum_init = momentum_init
         self.output_gate = output_gate
         self.memory_kernel = memory_kernel
-        self.memory_kernel_precision = memory_kernel_precision
         self.cms_hidden_sizes = list(cms_hidden_sizes)
         self.cms_periods = list(cms_periods)
         self.rope_theta = rope_theta
@@ -132,12 +129,6 @@ class HopeConfig(PretrainedConfig):
     @property
     def memory_width(self) -> int:
         return self.memory_hidden_size or self.head_dim
-
-    @property
-    def triton_shapes_ok(self) -> bool:
-        """tl.dot needs power-of-two tile sides of at least 16 (chunks are padded, widths are not)."""
-        pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
-        return pow2(self.head_dim) and pow2(self.memory_width)
 
     @property
     def num_hidden_layers(self) -> int:  # the name transformers' utilities look for
@@ -167,15 +158,8 @@ class HopeConfig(PretrainedConfig):
             fail("memory_activation", f"expected one of {list(ACTIVATIONS)}, got {self.memory_activation!r}")
         if self.memory_kernel not in MEMORY_KERNELS:
             fail("memory_kernel", f"expected one of {list(MEMORY_KERNELS)}, got {self.memory_kernel!r}")
-        if self.memory_kernel in ("torch", "triton") and self.inner_momentum:
+        if self.memory_kernel in ("torch", "compiled") and self.inner_momentum:
             fail("memory_kernel", f"{self.memory_kernel!r} has no inner momentum; use 'reference' or 'auto' with inner_momentum")
-        if self.memory_kernel == "triton" and self.memory_activation != "silu":
-            fail("memory_kernel", f"the Triton kernels implement silu only, got memory_activation={self.memory_activation!r}")
-        if self.memory_kernel == "triton" and not self.triton_shapes_ok:
-            fail("memory_kernel", f"the Triton kernels need head_dim and memory width that are powers of two >= 16, "
-                 f"got {self.head_dim} and {self.memory_width}")
-        if self.memory_kernel_precision not in KERNEL_PRECISIONS:
-            fail("memory_kernel_precision", f"expected one of {list(KERNEL_PRECISIONS)}, got {self.memory_kernel_precision!r}")
         unknown = [a for a in self.adaptive if a not in PROJECTION_MEMORIES]
         if unknown or len(set(self.adaptive)) != len(self.adaptive):
             fail("adaptive", f"expected distinct names from {list(PROJECTION_MEMORIES)}, got {self.adaptive!r}")

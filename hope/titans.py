@@ -25,14 +25,6 @@ from .memory import MemoryState, activation, chunk_update, memory_forward, token
 CONV_INPUTS = ("k", "v", "q")  # Titans: a causal depthwise conv after the q, k, v projections
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
@@ -102,17 +94,14 @@ class SelfModifyingTitans(nn.Module):
         kind = self.config.memory_kernel
         if kind != "auto":
             return kind
-        cfg = self.config
-        usable = x.is_cuda and not cfg.inner_momentum and cfg.memory_activation == "silu" and cfg.triton_shapes_ok
-        return "triton" if usable and _triton_available() else "reference"
+        return "compiled" if x.is_cuda and not self.config.inner_momentum else "reference"
 
     def _update(self, kernel: str, state: MemoryState, k, vhat, eta, log_alpha, log_mu, q=None):
         """One chunk's writes (and read-out with q): the reference closed form or the fused op."""
         if kernel == "reference":
             return chunk_update(state, k, vhat, eta, log_alpha, log_mu, self.act, self.config.dgd, q=q)
         W1, W2, o = fused_chunk_update(state.W1, state.W2, k, vhat, eta, log_alpha, q, dgd=self.config.dgd,
-                                       backend=kernel, precision=self.config.memory_kernel_precision,
-                                       act_name=self.config.memory_activation)
+                                       backend=kernel, act_name=self.config.memory_activation)
         return MemoryState(W1, W2), o
 
     def _readouts(self, z: dict[str, torch.Tensor]):

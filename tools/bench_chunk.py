@@ -2,8 +2,8 @@
 
     python tools/bench_chunk.py --size 340M --batch 4 --device cuda
 
-Rows: the reference closed form under autograd (hope/memory.py), the recomputing PyTorch backward
-(hope/chunk_grad.py) and the Triton kernels at each matmul precision and warp count. Two shapes:
+Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
+backward (hope/chunk_grad.py), eager and under torch.compile. Two shapes:
 the projection pass (batch x 5 memories x heads) and the main memory with its read-out
 (batch x heads). A layer runs seq/C chunk steps of each, sequentially.
 """
@@ -54,7 +54,7 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--warps", default="4,8")
+    p.add_argument("--compile", action="store_true", help="also the compiled op on CPU (always on CUDA)")
     args = p.parse_args()
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{args.size}.yaml")
     C, d, m, H = cfg.chunk_size, cfg.head_dim, cfg.memory_width, cfg.num_heads
@@ -66,22 +66,18 @@ def main():
         state, o = _chunk_update(MemoryState(W1, W2), k, vhat, eta, la, None, act, cfg.dgd, q=q)
         return state.W1, state.W2, o
 
-    def fused(backend, precision):
-        return lambda *xs: chunk_grad.fused_chunk_update(*xs, dgd=cfg.dgd, backend=backend, precision=precision)
+    def fused(backend):
+        return lambda *xs: chunk_grad.fused_chunk_update(*xs, dgd=cfg.dgd, backend=backend)
 
     for label, lead, with_q in (("projection pass", (args.batch, len(cfg.adaptive), H), False),
                                 ("main memory + read-out", (args.batch, H), True)):
         xs = inputs(lead, C, d, m, args.device, with_q)
         print(f"{label}: {int(torch.tensor(lead).prod())} memories, {cfg.num_layers} layers x "
               f"{2048 // C} chunks per 2K sequence")
-        rows = [("reference (autograd)", reference), ("pytorch recompute", fused("torch", "ieee"))]
-        if args.device == "cuda":
-            for warps in (int(w) for w in args.warps.split(",")):
-                for precision in ("ieee", "tf32x3", "tf32"):
-                    rows.append((f"triton {precision} warps={warps}", (warps, fused("triton", precision))))
+        rows = [("reference (autograd)", reference), ("recompute, eager", fused("torch"))]
+        if args.device == "cuda" or args.compile:
+            rows.append(("recompute, compiled", fused("compiled")))
         for name, fn in rows:
-            if isinstance(fn, tuple):
-                chunk_grad._WARPS, fn = fn
             us = time_it(fn, xs, args.device, args.reps)
             print(f"  {name:28s} {us:9.1f} us per chunk fwd+bwd", flush=True)
 
