@@ -34,7 +34,8 @@ def outputs_and_grads(fn, inputs, with_q: bool, seed: int = 1):
         xs[6] = None
     outs = [o for o in fn(*xs) if o is not None]
     g = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
+    # drawn in float64 whatever the dtype: float32 and float64 draws differ for the same seed
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
     sum((o * w).sum() for o, w in zip(outs, weights)).backward()
     return outs, [x.grad for x in xs if x is not None]
 
