@@ -11,6 +11,8 @@ memory.py: k, vhat, q [..., C, d]; eta, la (log alpha) [..., C]; W1 [..., d, m];
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -263,15 +265,69 @@ _COMPILED: dict[str, object] = {}
 
 
 def _implementation(backend: str):
-    """(forward, backward) functions: eager, or torch.compile'd once per process (shapes specialise)."""
+    """(forward, backward) functions: eager, torch.compile'd once per process (shapes specialise),
+    or the Triton kernels."""
     if backend == "torch":
         return chunk_forward, chunk_backward
+    if backend == "triton":
+        return _triton_forward, _triton_backward
     if backend != "compiled":
         raise ValueError(f"unknown chunk backend {backend!r}")
     if not _COMPILED:
         _COMPILED.update(forward=torch.compile(chunk_forward, dynamic=False),
                          backward=torch.compile(chunk_backward, dynamic=False))
     return _COMPILED["forward"], _COMPILED["backward"]
+
+
+# Matmul precision inside the Triton kernels: "tf32" (fast), "tf32x3" (~fp32); "ieee" (exact fp32)
+# is for the interpreter: compiled for a GPU it unrolls into scalar code that takes minutes to build.
+TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
+
+
+def _delta_rule_inverse(k, eta, la):
+    """T = (I + L)^-1 of the chunk: the kernels take it as an input (it needs no memory state)."""
+    _, _, _, Gp = _gates(la)
+    return unit_lower_inverse(eta.unsqueeze(-1) * Gp * (k @ k.transpose(-1, -2))).contiguous()
+
+
+def _triton_forward(W1, W2, k, vhat, eta, la, q, dgd, act_name):
+    from .triton_chunk import chunk_fwd_kernel
+    C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
+    W1, W2, k, vhat, eta, la = (t.contiguous() for t in (W1, W2, k, vhat, eta, la))
+    q = None if q is None else q.contiguous()
+    Ti = _delta_rule_inverse(k, eta, la) if dgd else k  # k: a placeholder never read
+    W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
+    o = torch.empty_like(q) if q is not None else None
+    chunk_fwd_kernel[(W1.numel() // (d * m),)](
+        W1, W2, k, vhat, eta, la, k if q is None else q, Ti, W1n, W2n, k if o is None else o,
+        C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=TRITON_PRECISION)
+    return W1n, W2n, o
+
+
+def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name):
+    from .triton_chunk import chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel
+    C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
+    W1, W2, k, vhat, eta, la, dW1n, dW2n = (t.contiguous() for t in (W1, W2, k, vhat, eta, la, dW1n, dW2n))
+    n = W1.numel() // (d * m)
+    Ti = _delta_rule_inverse(k, eta, la) if dgd else k
+    shapes = dict(C=C, D=d, M=m, DGD=dgd, PREC=TRITON_PRECISION)
+    # partial adjoints of the read-out, handed to the state kernel
+    dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, k, k))
+    dhp, dup, dEp, dz = (torch.empty(*k.shape[:-1], m, dtype=k.dtype, device=k.device) for _ in range(4))
+    detap, dlgp = torch.empty_like(eta), torch.empty_like(eta)
+    dq = None
+    if q is not None:
+        q, do = q.contiguous(), do.contiguous()
+        dq = torch.empty_like(q)
+        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
+        chunk_bwd_readout2_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
+                                        **shapes)
+    dW1, dW2, dk, dvhat = (torch.empty_like(t) for t in (W1, W2, k, vhat))
+    deta, dla = torch.empty_like(eta), torch.empty_like(la)
+    chunk_bwd_state_kernel[(n,)](W1, W2, k, vhat, eta, la, Ti, dW1n, dW2n,
+                                 dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp,
+                                 dW1, dW2, dk, dvhat, deta, dla, HAS_Q=q is not None, **shapes)
+    return dW1, dW2, dk, dvhat, deta, dla, dq
 
 
 class ChunkUpdate(torch.autograd.Function):
@@ -306,6 +362,15 @@ def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: 
     """One chunk's writes (and read-out if q is given) with a recomputing backward; no momentum.
 
     Inputs broadcast like memory._chunk_update's (the projection memories share k, eta, alpha);
-    gradients are summed back to each input's shape.
+    gradients are summed back to each input's shape. backend: "torch", "compiled" or "triton"
+    (hope/triton_chunk.py: SiLU, head and memory widths powers of two >= 16).
     """
-    return ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name)
+    C = k.shape[-2]
+    padded = max(16, 1 << (C - 1).bit_length()) if backend == "triton" else C
+    if padded != C:  # tl.dot wants power-of-two sides >= 16. Tokens with eta = 0 and alpha = 1 write
+        # nothing and later tokens never affect earlier ones, so zero padding at the end is exact.
+        pad = padded - C
+        k, vhat, eta, la = F.pad(k, (0, 0, 0, pad)), F.pad(vhat, (0, 0, 0, pad)), F.pad(eta, (0, pad)), F.pad(la, (0, pad))
+        q = None if q is None else F.pad(q, (0, 0, 0, pad))
+    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name)
+    return W1n, W2n, (None if o is None else o[..., :C, :])

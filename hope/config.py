@@ -20,9 +20,10 @@ from transformers import PretrainedConfig
 PROJECTION_MEMORIES = ("k", "v", "q", "eta", "alpha")
 # How the chunk update runs: "reference" = autograd through hope/memory.py (stores every chunk's
 # intermediates); "torch" = hope/chunk_grad.py (saves inputs, recomputes in the backward);
-# "compiled" = the same under torch.compile; "auto" = compiled on CUDA when the config allows it
-# (no inner momentum), else reference.
-MEMORY_KERNELS = ("auto", "reference", "torch", "compiled")
+# "compiled" = the same under torch.compile; "triton" = hope/triton_chunk.py (experimental: proven
+# under Triton's interpreter, not yet timed on a GPU); "auto" = compiled when training on CUDA
+# without inner momentum, else reference.
+MEMORY_KERNELS = ("auto", "reference", "torch", "compiled", "triton")
 MIXERS = ("titans", "attention")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 
@@ -158,8 +159,15 @@ class HopeConfig(PretrainedConfig):
             fail("memory_activation", f"expected one of {list(ACTIVATIONS)}, got {self.memory_activation!r}")
         if self.memory_kernel not in MEMORY_KERNELS:
             fail("memory_kernel", f"expected one of {list(MEMORY_KERNELS)}, got {self.memory_kernel!r}")
-        if self.memory_kernel in ("torch", "compiled") and self.inner_momentum:
+        if self.memory_kernel in ("torch", "compiled", "triton") and self.inner_momentum:
             fail("memory_kernel", f"{self.memory_kernel!r} has no inner momentum; use 'reference' or 'auto' with inner_momentum")
+        if self.memory_kernel == "triton":
+            pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
+            if self.memory_activation != "silu":
+                fail("memory_kernel", f"the Triton kernels implement silu only, got memory_activation={self.memory_activation!r}")
+            if not (pow2(self.head_dim) and pow2(self.memory_width)):
+                fail("memory_kernel", f"the Triton kernels need head_dim and memory width that are powers of two >= 16, "
+                     f"got {self.head_dim} and {self.memory_width}")
         unknown = [a for a in self.adaptive if a not in PROJECTION_MEMORIES]
         if unknown or len(set(self.adaptive)) != len(self.adaptive):
             fail("adaptive", f"expected distinct names from {list(PROJECTION_MEMORIES)}, got {self.adaptive!r}")

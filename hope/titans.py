@@ -94,7 +94,10 @@ class SelfModifyingTitans(nn.Module):
         kind = self.config.memory_kernel
         if kind != "auto":
             return kind
-        return "compiled" if x.is_cuda and not self.config.inner_momentum else "reference"
+        # Training on CUDA: the fused op (memory-light, compiled). Inference keeps the closed form:
+        # no backward to save for, and no compilation for every new prompt length.
+        fused = x.is_cuda and torch.is_grad_enabled() and not self.config.inner_momentum
+        return "compiled" if fused else "reference"
 
     def _update(self, kernel: str, state: MemoryState, k, vhat, eta, log_alpha, log_mu, q=None):
         """One chunk's writes (and read-out with q): the reference closed form or the fused op."""

@@ -1,16 +1,22 @@
-"""The fused chunk update (hope/chunk_grad.py): the hand-written recomputing backward, eager and
-compiled, against autograd through the closed form and the per-token float64 reference.
+"""The fused chunk update (hope/chunk_grad.py): the hand-written recomputing backward, eager,
+compiled and as Triton kernels (hope/triton_chunk.py), against autograd through the closed form
+and the per-token float64 reference. Without CUDA the Triton kernels run in Triton's interpreter.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from hope import HopeConfig, HopeForCausalLM
-from hope.chunk_grad import fused_chunk_update, unit_lower_inverse
-from hope.memory import MemoryState, _chunk_update, activation
-from hope.reference import reference_forward
-from test_hope_model import VARIANTS, rel_err, tiny_layer
+if not torch.cuda.is_available():  # before the first import of hope.triton_chunk
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hope import HopeConfig, HopeForCausalLM  # noqa: E402
+from hope.chunk_grad import fused_chunk_update, unit_lower_inverse  # noqa: E402
+from hope.memory import MemoryState, _chunk_update, activation  # noqa: E402
+from hope.reference import reference_forward  # noqa: E402
+from test_hope_model import VARIANTS, rel_err, tiny_layer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -131,8 +137,46 @@ def test_config_refuses_momentum_with_the_fused_op():
     for kernel in ("torch", "compiled"):
         with pytest.raises(ModelConfigError, match="memory_kernel"):
             HopeConfig(memory_kernel=kernel, inner_momentum=True).validate()
-    with pytest.raises(ModelConfigError, match="memory_kernel"):
-        HopeConfig(memory_kernel="triton").validate()
+    with pytest.raises(ModelConfigError, match="silu"):
+        HopeConfig(memory_kernel="triton", memory_activation="gelu").validate()
+    with pytest.raises(ModelConfigError, match="powers of two"):
+        HopeConfig(hidden_size=48, num_heads=4, memory_kernel="triton").validate()
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (pip install triton)")
+
+
+@needs_triton
+@pytest.mark.parametrize("C,d,m", [(16, 16, 16), (16, 32, 16), (32, 16, 32), (11, 16, 16)])
+@pytest.mark.parametrize("dgd", [True, False])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_triton_kernels_equal_pytorch(C, d, m, dgd, with_q):
+    """C=11 is padded to 16 inside fused_chunk_update (tokens that write nothing)."""
+    device = "cuda" if CUDA else "cpu"
+    inputs = chunk_inputs((2, 3), C, d, m, device=device)
+    ref_out, ref_grad = outputs_and_grads(fused("torch", dgd), inputs, with_q)
+    out, grad = outputs_and_grads(fused("triton", dgd), inputs, with_q)
+    tol = 1e-5 if not CUDA else 3e-2  # the interpreter multiplies in exact fp32; tf32 on a GPU
+    assert worst(out, ref_out) < tol
+    assert worst(grad, ref_grad) < tol
+
+
+@needs_triton
+def test_model_with_triton_kernels_equals_reference():
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = loss_and_grads(small_hope("reference"), ids)
+    loss, grads = loss_and_grads(small_hope("triton"), ids)
+    assert abs(loss - ref_loss) < 1e-5
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, name
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -162,3 +206,23 @@ def test_bf16_model_with_compiled_op_tracks_reference():
     assert abs(loss.float() - ref_loss.float()) < 1e-2
     for name, g in ref_grads.items():
         assert (grads[name].float() - g.float()).norm() <= 5e-2 * g.float().norm() + 1e-6, name
+
+
+@needs_triton
+@pytest.mark.slow
+def test_triton_kernels_fit_the_h100_shared_memory():
+    """Compiled for sm_90 without a GPU (Triton ships ptxas): a kernel over the 227 KB of shared
+    memory per block would fail only at its first launch on the H100."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_resources.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, str(tool), "--arch", "90", "--precision", "tf32"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "shared" in line]
+    assert len(lines) == 4, out.stdout
+    assert all(" fits " in line for line in lines), out.stdout

@@ -3,7 +3,8 @@
     python tools/bench_chunk.py --size 340M --batch 4 --device cuda
 
 Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
-backward (hope/chunk_grad.py), eager and under torch.compile. Two shapes:
+backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels (CUDA only;
+HOPE_TRITON_PRECISION=tf32x3 for ~fp32 matmuls). Two shapes:
 the projection pass (batch x 5 memories x heads) and the main memory with its read-out
 (batch x heads). A layer runs seq/C chunk steps of each, sequentially.
 """
@@ -77,6 +78,8 @@ def main():
         rows = [("reference (autograd)", reference), ("recompute, eager", fused("torch"))]
         if args.device == "cuda" or args.compile:
             rows.append(("recompute, compiled", fused("compiled")))
+        if args.device == "cuda":
+            rows.append((f"triton kernels ({chunk_grad.TRITON_PRECISION})", fused("triton")))
         for name, fn in rows:
             us = time_it(fn, xs, args.device, args.reps)
             print(f"  {name:28s} {us:9.1f} us per chunk fwd+bwd", flush=True)

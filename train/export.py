@@ -31,7 +31,7 @@ from hope import HopeConfig, HopeForCausalLM
 
 from .checkpoint import LATEST, fsync_tree, tag_for, write_atomic
 
-MODELING_FILES = ("config.py", "layers.py", "memory.py", "chunk_grad.py", "titans.py", "modeling_hope.py")
+MODELING_FILES = ("config.py", "layers.py", "memory.py", "chunk_grad.py", "triton_chunk.py", "titans.py", "modeling_hope.py")
 AUTO_MAP = {
     "AutoConfig": "config.HopeConfig",
     "AutoModel": "modeling_hope.HopeModel",

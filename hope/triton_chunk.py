@@ -1,0 +1,335 @@
+"""Triton kernels of one chunk update (`memory_kernel: triton`, experimental): forward, and a
+backward in two kernels that recompute the chunk.
+
+One program per memory (batch x memory x head): it loads the chunk-start state W1 [d, m],
+W2 [m, d], the chunk's k, vhat, q [C, d], eta, log alpha [C] and T = (I + L)^-1 [C, C] (the
+gated-delta-rule inverse, computed outside: it depends on k, eta, alpha only), and does the whole
+chunk on chip. hope/chunk_grad.py is the same math in PyTorch, line for line, and the reference
+these kernels are tested against (under TRITON_INTERPRET=1 on CPU). SiLU only; fp32 in and out;
+the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32" fastest).
+
+The backward is split because one kernel holding every adjoint needed 385 KB of shared memory
+on the H100 (limit 227 KB) and minutes to compile. The backward differentiates the
+dual-form read-out in two halves (`chunk_bwd_readout1_kernel` up to dz = d(W2_t q_t), then
+`chunk_bwd_readout2_kernel`), which hand partial adjoints (7 tiles, and the gate adjoints
+already reduced to two vectors) to `chunk_bwd_state_kernel`: the chunk-end state, the delta rule,
+the gates and the inner gradients. Each kernel recomputes the forward quantities it needs. tools/triton_resources.py compiles them for sm_90 without a GPU
+and prints their shared memory.
+"""
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs and exported models never launch these kernels
+    class triton:  # noqa: N801  a stand-in so that the definitions below still parse
+        jit = staticmethod(lambda fn: fn)
+    tl = None
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _gates(la, rc, C: tl.constexpr):
+    """lg = cumsum(la), lgp = lg - la; G, Gp as in chunk_grad._gates; last-row values."""
+    lg = tl.cumsum(la, 0)
+    lgp = lg - la
+    lower = rc[:, None] >= rc[None, :]
+    strict = rc[:, None] > rc[None, :]
+    G = tl.where(lower, tl.exp(tl.where(lower, lg[:, None] - lg[None, :], 0.0)), 0.0)
+    Gp = tl.where(strict, tl.exp(tl.where(strict, lgp[:, None] - lg[None, :], 0.0)), 0.0)
+    lgC = tl.sum(la, 0)
+    return lg, lgp, G, Gp, lgC, strict
+
+
+@triton.jit
+def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
+                     C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                     DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
+    cd = n * C * D + rc[:, None] * D + rd[None, :]
+    dm = n * D * M + rd[:, None] * M + rm[None, :]
+    md = n * M * D + rm[:, None] * D + rd[None, :]
+    w1 = tl.load(W1 + dm)
+    w2 = tl.load(W2 + md)
+    k = tl.load(K + cd)
+    vh = tl.load(VH + cd)
+    eta = tl.load(ETA + n * C + rc)
+    la = tl.load(LA + n * C + rc)
+
+    lg, lgp, G, Gp, lgC, strict = _gates(la, rc, C)
+    Dm = G * eta[None, :]
+    g = tl.exp(lg)
+    gC = tl.exp(lgC)
+    GC = tl.exp(lgC - lg)  # last rows of G and D
+    DC = GC * eta
+
+    a = _dot(k, tl.trans(w2), PREC)
+    sig = tl.sigmoid(a)
+    h = a * sig
+    sp = sig * (1 + a * (1 - sig))
+    r = k + _dot(h, tl.trans(w1), PREC) - vh
+    u = sp * _dot(r, w1, PREC)
+    coef2 = -DC[:, None] * u
+    if DGD:
+        kk = _dot(k, tl.trans(k), PREC)
+        inner = tl.exp(lgp)[:, None] * a - _dot(Gp * eta[None, :] * kk, u, PREC)
+        Ti = tl.load(TI + n * C * C + rc[:, None] * C + rc[None, :])
+        E = _dot(Ti, -eta[:, None] * inner, PREC)
+        coef2 += GC[:, None] * E
+    tl.store(W1N + dm, gC * w1 - _dot(tl.trans(r * DC[:, None]), h, PREC))
+    tl.store(W2N + md, gC * w2 + _dot(tl.trans(coef2), k, PREC))
+
+    if HAS_Q:
+        q = tl.load(Q + cd)
+        qk = _dot(q, tl.trans(k), PREC)
+        z = g[:, None] * _dot(q, tl.trans(w2), PREC) - _dot(Dm * qk, u, PREC)
+        if DGD:
+            z += _dot(G * qk, E, PREC)
+        hq = z * tl.sigmoid(z)
+        read = g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
+        tl.store(O + cd, q + read)
+
+
+@triton.jit
+def _recompute(w1, w2, k, vh, eta, la, TI, n, rc, C: tl.constexpr, DGD: tl.constexpr, PREC: tl.constexpr):
+    """The forward quantities both backward kernels need (see chunk_fwd_kernel)."""
+    lg, lgp, G, Gp, lgC, strict = _gates(la, rc, C)
+    a = _dot(k, tl.trans(w2), PREC)
+    sig = tl.sigmoid(a)
+    h = a * sig
+    sp = sig * (1 + a * (1 - sig))
+    r = k + _dot(h, tl.trans(w1), PREC) - vh
+    p = _dot(r, w1, PREC)
+    u = sp * p
+    if DGD:
+        Ti = tl.load(TI + n * C * C + rc[:, None] * C + rc[None, :])
+        kk = _dot(k, tl.trans(k), PREC)
+        inner = tl.exp(lgp)[:, None] * a - _dot(Gp * eta[None, :] * kk, u, PREC)
+        E = _dot(Ti, -eta[:, None] * inner, PREC)
+    else:
+        Ti, kk, inner, E = G, G, a, a  # unused without DGD
+    return lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E
+
+
+@triton.jit
+def _readout_z(q, k, w2, u, E, G, Dm, g, DGD: tl.constexpr, PREC: tl.constexpr):
+    """z = W2_t q_t of the dual form, with its pieces qk = q k^T and Y = q W2_c^T."""
+    qk = _dot(q, tl.trans(k), PREC)
+    Y = _dot(q, tl.trans(w2), PREC)
+    z = g[:, None] * Y - _dot(Dm * qk, u, PREC)
+    if DGD:
+        z += _dot(G * qk, E, PREC)
+    return qk, Y, z
+
+
+@triton.jit
+def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
+                              DZ, DW1P, DRP, DHP, DETAP, DLGP,
+                              C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                              DGD: tl.constexpr, PREC: tl.constexpr):
+    """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t)."""
+    n = tl.program_id(0).to(tl.int64)
+    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
+    cd = n * C * D + rc[:, None] * D + rd[None, :]
+    cm = n * C * M + rc[:, None] * M + rm[None, :]
+    dm = n * D * M + rd[:, None] * M + rm[None, :]
+    md = n * M * D + rm[:, None] * D + rd[None, :]
+    w1 = tl.load(W1 + dm)
+    w2 = tl.load(W2 + md)
+    k = tl.load(K + cd)
+    eta = tl.load(ETA + n * C + rc)
+    lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + n * C + rc), TI, n, rc, C, DGD, PREC)
+    g = tl.exp(lg)
+    Dm = G * eta[None, :]
+    qk, Y, z = _readout_z(tl.load(Q + cd), k, w2, u, E, G, Dm, g, DGD, PREC)
+    sz = tl.sigmoid(z)
+    hq = z * sz
+    do = tl.load(DO + cd)
+    X1 = g[:, None] * do
+    dg = tl.sum(do * _dot(hq, tl.trans(w1), PREC), 1)
+    dhq = _dot(X1, w1, PREC)
+    tl.store(DW1P + dm, _dot(tl.trans(X1), hq, PREC))
+    hh = _dot(hq, tl.trans(h), PREC)
+    dP = -_dot(do, tl.trans(r), PREC)
+    tl.store(DRP + cd, -_dot(tl.trans(Dm * hh), do, PREC))
+    dD = dP * hh
+    dhh = dP * Dm
+    dhq += _dot(dhh, h, PREC)
+    tl.store(DHP + cm, _dot(tl.trans(dhh), hq, PREC))
+    tl.store(DZ + cm, dhq * (sz * (1 + z * (1 - sz))))
+    # D = G * eta_j, G = exp(lg_t - lg_j): this half's gate adjoints, reduced to vectors
+    dGG = dD * eta[None, :] * G
+    tl.store(DETAP + n * C + rc, tl.sum(dD * G, 0))
+    tl.store(DLGP + n * C + rc, tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
+
+
+@triton.jit
+def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
+                              DQ, DW2P, DKP, DUP, DEP, DETAP, DLGP,
+                              C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                              DGD: tl.constexpr, PREC: tl.constexpr):
+    """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
+    n = tl.program_id(0).to(tl.int64)
+    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
+    cd = n * C * D + rc[:, None] * D + rd[None, :]
+    cm = n * C * M + rc[:, None] * M + rm[None, :]
+    md = n * M * D + rm[:, None] * D + rd[None, :]
+    w2 = tl.load(W2 + md)
+    k = tl.load(K + cd)
+    eta = tl.load(ETA + n * C + rc)
+    lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
+        tl.load(W1 + n * D * M + rd[:, None] * M + rm[None, :]), w2, k, tl.load(VH + cd), eta,
+        tl.load(LA + n * C + rc), TI, n, rc, C, DGD, PREC)
+    g = tl.exp(lg)
+    Dm = G * eta[None, :]
+    q = tl.load(Q + cd)
+    qk = _dot(q, tl.trans(k), PREC)
+    Y = _dot(q, tl.trans(w2), PREC)
+    dz = tl.load(DZ + cm)
+    dg = tl.sum(dz * Y, 1)
+    dY = g[:, None] * dz
+    dq = tl.load(DO + cd) + _dot(dY, w2, PREC)
+    tl.store(DW2P + md, _dot(tl.trans(dY), q, PREC))
+    dB1 = -_dot(dz, tl.trans(u), PREC)
+    tl.store(DUP + cm, -_dot(tl.trans(Dm * qk), dz, PREC))
+    dD = dB1 * qk
+    dqk = dB1 * Dm
+    if DGD:
+        dB2 = _dot(dz, tl.trans(E), PREC)
+        tl.store(DEP + cm, _dot(tl.trans(G * qk), dz, PREC))
+        dG = dB2 * qk
+        dqk += dB2 * G
+    else:
+        tl.store(DEP + cm, tl.zeros([C, M], dtype=tl.float32))
+        dG = tl.zeros([C, C], dtype=tl.float32)
+    tl.store(DQ + cd, dq + _dot(dqk, k, PREC))
+    tl.store(DKP + cd, _dot(tl.trans(dqk), q, PREC))
+    dG += dD * eta[None, :]
+    dGG = dG * G
+    # add this half's gate adjoints to the first half's
+    tl.store(DETAP + n * C + rc, tl.load(DETAP + n * C + rc) + tl.sum(dD * G, 0))
+    tl.store(DLGP + n * C + rc, tl.load(DLGP + n * C + rc) + tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
+
+
+@triton.jit
+def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
+                           DW1P, DW2P, DKP, DRP, DHP, DUP, DEP, DETAP, DLGP,
+                           DW1, DW2, DK, DVH, DETA, DLA,
+                           C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                           DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
+    """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients."""
+    n = tl.program_id(0).to(tl.int64)
+    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
+    cd = n * C * D + rc[:, None] * D + rd[None, :]
+    cm = n * C * M + rc[:, None] * M + rm[None, :]
+    dm = n * D * M + rd[:, None] * M + rm[None, :]
+    md = n * M * D + rm[:, None] * D + rd[None, :]
+    last = rc == C - 1
+    w1 = tl.load(W1 + dm)
+    w2 = tl.load(W2 + md)
+    k = tl.load(K + cd)
+    eta = tl.load(ETA + n * C + rc)
+    lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + n * C + rc), TI, n, rc, C, DGD, PREC)
+    gp = tl.exp(lgp)
+    gC = tl.exp(lgC)
+    GC = tl.exp(lgC - lg)  # last rows of G and D
+    DC = GC * eta
+    dds = sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+
+    dw1n = tl.load(DW1N + dm)
+    dw2n = tl.load(DW2N + md)
+    dw1 = gC * dw1n
+    dw2 = gC * dw2n
+    if HAS_Q:  # partial adjoints of the read-out
+        dw1 += tl.load(DW1P + dm)
+        dw2 += tl.load(DW2P + md)
+        dk = tl.load(DKP + cd)
+        dr = tl.load(DRP + cd)
+        dh = tl.load(DHP + cm)
+        du = tl.load(DUP + cm)
+        dE = tl.load(DEP + cm)
+        deta = tl.load(DETAP + n * C + rc)
+        dlg = tl.load(DLGP + n * C + rc)
+    else:
+        dk = tl.zeros([C, D], dtype=tl.float32)
+        dr = tl.zeros([C, D], dtype=tl.float32)
+        dh = tl.zeros([C, M], dtype=tl.float32)
+        du = tl.zeros([C, M], dtype=tl.float32)
+        dE = tl.zeros([C, M], dtype=tl.float32)
+        deta = tl.zeros([C], dtype=tl.float32)
+        dlg = tl.zeros([C], dtype=tl.float32)
+
+    # ---- chunk-end state: W2n = gC W2 + coef2^T k ; W1n = gC W1 - (r*D_C)^T h
+    coef2 = -DC[:, None] * u
+    if DGD:
+        coef2 += GC[:, None] * E
+    dgC = tl.sum(tl.sum(dw2n * w2, 1), 0) + tl.sum(tl.sum(dw1n * w1, 1), 0)
+    dcoef2 = _dot(k, tl.trans(dw2n), PREC)
+    dk += _dot(coef2, dw2n, PREC)
+    du -= DC[:, None] * dcoef2
+    dDC = -tl.sum(dcoef2 * u, 1)
+    dR = -_dot(h, tl.trans(dw1n), PREC)
+    dh -= _dot(r * DC[:, None], dw1n, PREC)
+    dr += DC[:, None] * dR
+    dDC += tl.sum(dR * r, 1)
+    # last rows of D and G (as vectors over j), and gC = g_{C-1}
+    dGlast = dDC * eta
+    if DGD:
+        dE += GC[:, None] * dcoef2
+        dGlast += tl.sum(dcoef2 * E, 1)
+    deta += dDC * GC
+    v = dGlast * GC
+    dlg += tl.where(last, tl.sum(v, 0) + dgC * gC, 0.0) - v
+
+    # ---- gated delta rule: E = T rhs, rhs = -eta * inner
+    if DGD:
+        drhs = _dot(tl.trans(Ti), dE, PREC)
+        dL = tl.where(strict, -_dot(drhs, tl.trans(E), PREC), 0.0)
+        deta += tl.sum(dL * Gp * kk, 1)
+        dGp = dL * eta[:, None] * kk
+        dkk = dL * eta[:, None] * Gp
+        deta -= tl.sum(drhs * inner, 1)
+        dinner = -eta[:, None] * drhs
+        dgp = tl.sum(dinner * a, 1)
+        da = gp[:, None] * dinner
+        Dp = Gp * eta[None, :]
+        dB3 = -_dot(dinner, tl.trans(u), PREC)
+        du -= _dot(tl.trans(Dp * kk), dinner, PREC)
+        dDp = dB3 * kk
+        dkk += dB3 * Dp
+        dGp += dDp * eta[None, :]
+        deta += tl.sum(dDp * Gp, 0)
+        dk += _dot(dkk + tl.trans(dkk), k, PREC)
+        dGpGp = dGp * Gp
+        dlgp = tl.sum(dGpGp, 1) + dgp * gp
+        dlg = dlg - tl.sum(dGpGp, 0) + dlgp
+        dla = tl.cumsum(dlg, 0, reverse=True) - dlgp
+    else:
+        da = tl.zeros([C, M], dtype=tl.float32)
+        dla = tl.cumsum(dlg, 0, reverse=True)
+
+    # ---- inner gradients at the chunk-start state
+    dp = sp * du
+    da += p * dds * du
+    dr += _dot(dp, tl.trans(w1), PREC)
+    dw1 += _dot(tl.trans(r), dp, PREC)
+    dk += dr
+    dh += _dot(dr, w1, PREC)
+    dw1 += _dot(tl.trans(dr), h, PREC)
+    da += dh * sp
+    dk += _dot(da, w2, PREC)
+    dw2 += _dot(tl.trans(da), k, PREC)
+
+    tl.store(DW1 + dm, dw1)
+    tl.store(DW2 + md, dw2)
+    tl.store(DK + cd, dk)
+    tl.store(DVH + cd, -dr)
+    tl.store(DETA + n * C + rc, deta)
+    tl.store(DLA + n * C + rc, dla)

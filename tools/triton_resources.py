@@ -1,0 +1,61 @@
+"""Compile the chunk kernels of hope/triton_chunk.py for a GPU target without a GPU; print resources.
+
+    python tools/triton_resources.py [--arch 90] [--precision tf32] [--size 64]
+
+A kernel that needs more shared memory than the device has fails only at its first launch on the
+GPU; this catches it on any machine with Triton (which ships ptxas). H100 (sm_90): 227 KB per block.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hope import triton_chunk  # noqa: E402
+
+KERNELS = {  # kernel name -> number of leading pointer arguments
+    "chunk_fwd_kernel": 11,
+    "chunk_bwd_readout1_kernel": 15,
+    "chunk_bwd_readout2_kernel": 17,
+    "chunk_bwd_state_kernel": 24,
+}
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+
+def compile_kernel(name: str, pointers: int, constants: dict, arch: int, warps: int):
+    kernel = getattr(triton_chunk, name)
+    names = list(kernel.arg_names)
+    signature = {arg: ("*fp32" if i < pointers else "constexpr") for i, arg in enumerate(names)}
+    constexprs = {(names.index(key),): value for key, value in constants.items() if key in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--precision", default="tf32", choices=("ieee", "tf32x3", "tf32"))
+    p.add_argument("--size", type=int, default=64, help="C = d = m")
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--kernels", default=",".join(KERNELS))
+    args = p.parse_args()
+    n = args.size
+    constants = dict(C=n, D=n, M=n, DGD=True, HAS_Q=True, PREC=args.precision)
+    limit = SHARED_LIMIT.get(args.arch)
+    print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps")
+    for name in args.kernels.split(","):
+        start = time.perf_counter()
+        compiled = compile_kernel(name, KERNELS[name], constants, args.arch, args.warps)
+        shared = compiled.metadata.shared
+        verdict = "" if limit is None else ("fits" if shared <= limit else f"EXCEEDS the {limit} B limit")
+        print(f"  {name:26s} shared {shared:7,d} B  {verdict:24s} compiled in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
