@@ -38,14 +38,17 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def format_line(record: dict) -> str:
-    """`step 10 | loss 5.1234 | grad 1.23 | lr 3.0e-04 | tok/s 12,345 | mfu 41.2% | mem 12.3 GB`"""
+    """`step 10 | loss 5.1234 | grad 1.23 | lr 3.0e-04 | tok/s 12,345 | mfu 41.2% | mem 12.3 GiB`.
+
+    Memory is in GiB (2**30 bytes), as is `peak_mem_gb` in metrics.jsonl (a name kept for scripts).
+    """
     parts = [f"step {record['step']}", f"loss {record['loss']:.4f}"]
     if record.get("grad_norm") is not None:
         parts.append(f"grad {record['grad_norm']:.3f}")
     parts += [f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_s']:,.0f}"]
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
-    parts.append(f"mem {record['peak_mem_gb']:.2f} GB")
+    parts.append(f"mem {record['peak_mem_gb']:.2f} GiB")
     if record.get("val_loss") is not None:
         parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
     if record.get("skipped_steps"):
