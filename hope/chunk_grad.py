@@ -295,21 +295,21 @@ def _triton_forward(W1, W2, k, vhat, eta, la, q, dgd, act_name):
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     W1, W2, k, vhat, eta, la = (t.contiguous() for t in (W1, W2, k, vhat, eta, la))
     q = None if q is None else q.contiguous()
-    Ti = _delta_rule_inverse(k, eta, la) if dgd else k  # k: a placeholder never read
+    Ti = _delta_rule_inverse(k, eta, la) if dgd else None
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
     o = torch.empty_like(q) if q is not None else None
     chunk_fwd_kernel[(W1.numel() // (d * m),)](
-        W1, W2, k, vhat, eta, la, k if q is None else q, Ti, W1n, W2n, k if o is None else o,
-        C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=TRITON_PRECISION)
-    return W1n, W2n, o
+        W1, W2, k, vhat, eta, la, k if q is None else q, k if Ti is None else Ti, W1n, W2n, k if o is None else o,
+        C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=TRITON_PRECISION)  # k: a placeholder, never read
+    return W1n, W2n, o, Ti  # T is kept for the backward (C x C per memory) instead of recomputed
 
 
-def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name):
+def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name, Ti=None):
     from .triton_chunk import chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     W1, W2, k, vhat, eta, la, dW1n, dW2n = (t.contiguous() for t in (W1, W2, k, vhat, eta, la, dW1n, dW2n))
     n = W1.numel() // (d * m)
-    Ti = _delta_rule_inverse(k, eta, la) if dgd else k
+    Ti = k if Ti is None else Ti  # without DGD the kernels never read it
     shapes = dict(C=C, D=d, M=m, DGD=dgd, PREC=TRITON_PRECISION)
     # partial adjoints of the read-out, handed to the state kernel
     dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, k, k))
@@ -342,18 +342,19 @@ class ChunkUpdate(torch.autograd.Function):
         tails = (2, 2, 2, 2, 1, 1, 2)  # trailing non-batch dims: matrices, then eta and la [..., C]
         lead = torch.broadcast_shapes(*(x.shape[:x.ndim - t] for x, t in zip(inputs, tails) if x is not None))
         inputs = [None if x is None else x.expand(*lead, *x.shape[x.ndim - t:]) for x, t in zip(inputs, tails)]
-        ctx.save_for_backward(*inputs)
         ctx.dgd, ctx.backend, ctx.act_name = dgd, backend, act_name
         forward, _ = _implementation(backend)
-        return forward(*inputs, dgd, act_name)
+        W1n, W2n, o, *kept = forward(*inputs, dgd, act_name)  # the Triton path keeps its UT inverse
+        ctx.save_for_backward(*inputs, *kept)
+        return W1n, W2n, o
 
     @staticmethod
     def backward(ctx, dW1n, dW2n, do):
-        W1, W2, k, vhat, eta, la, q = ctx.saved_tensors
+        W1, W2, k, vhat, eta, la, q, *kept = ctx.saved_tensors
         if q is not None and do is None:
             do = torch.zeros_like(q)
         _, backward = _implementation(ctx.backend)
-        grads = backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name)
+        grads = backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name, *kept)
         grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
         return (*grads, None, None, None)
 
