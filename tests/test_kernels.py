@@ -9,14 +9,11 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before the first import of hope.triton_chunk
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from hope import HopeConfig, HopeForCausalLM  # noqa: E402
-from hope.chunk_grad import fused_chunk_update, unit_lower_inverse  # noqa: E402
-from hope.memory import MemoryState, _chunk_update, activation  # noqa: E402
-from hope.reference import reference_forward  # noqa: E402
-from test_hope_model import VARIANTS, rel_err, tiny_layer  # noqa: E402
+from hope import HopeConfig, HopeForCausalLM  # TRITON_INTERPRET without CUDA: tests/conftest.py
+from hope.chunk_grad import fused_chunk_update, unit_lower_inverse
+from hope.memory import MemoryState, _chunk_update, activation
+from hope.reference import reference_forward
+from test_hope_model import VARIANTS, rel_err, tiny_layer
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
