@@ -5,6 +5,8 @@ launches one kernel per op; this module saves only the chunk's inputs and, in th
 recomputes the chunk and applies its vector-Jacobian product (each line the adjoint of one forward
 line). Both directions are plain tensor code with no autograd and no triangular solve, so
 torch.compile fuses each into a handful of kernels (`memory_kernel: compiled`, the CUDA default).
+The same math, line for line, is in the Triton kernels of hope/triton_chunk.py
+(`memory_kernel: triton`, experimental), which these functions are the tests' reference for.
 
 Scope: no inner momentum (the default; momentum keeps the autograd path). Notation as in
 memory.py: k, vhat, q [..., C, d]; eta, la (log alpha) [..., C]; W1 [..., d, m]; W2 [..., m, d].
