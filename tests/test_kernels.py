@@ -223,3 +223,19 @@ def test_triton_kernels_fit_the_h100_shared_memory():
     lines = [line for line in out.stdout.splitlines() if "shared" in line]
     assert len(lines) == 4, out.stdout
     assert all(" fits " in line for line in lines), out.stdout
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("precision,tol", [("tf32", 3e-2), ("tf32x3", 1e-4)])
+@pytest.mark.parametrize("C,d,m", [(64, 64, 64), (32, 64, 128), (64, 128, 64), (11, 64, 32)])
+def test_triton_kernels_on_gpu_against_float64(precision, tol, C, d, m, monkeypatch):
+    """The compiled Triton kernels at each GPU precision against the float64 closed form."""
+    from hope import chunk_grad
+    monkeypatch.setattr(chunk_grad, "TRITON_PRECISION", precision)
+    inputs = chunk_inputs((4, 5), C, d, m, device="cuda")
+    ref_out, ref_grad = outputs_and_grads(closed_form("silu", True), [t.double() for t in inputs], True)
+    out, grad = outputs_and_grads(fused("triton", True), inputs, True)
+    errors = [rel_err(a.double(), b) for a, b in zip(out + grad, ref_out + ref_grad)]
+    assert max(errors) < tol, errors
