@@ -127,6 +127,14 @@ class HopeConfig(PretrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def resolved_memory_kernel(self, on_cuda: bool, training: bool) -> str:
+        """What memory_kernel 'auto' means for a forward on this device, with or without autograd."""
+        if self.memory_kernel != "auto":
+            return self.memory_kernel
+        # Training on CUDA: the fused op (memory-light, compiled). Inference keeps the closed form:
+        # no backward to save for, and no compilation for every new prompt length.
+        return "compiled" if on_cuda and training and not self.inner_momentum else "reference"
+
     @property
     def memory_width(self) -> int:
         return self.memory_hidden_size or self.head_dim

@@ -91,13 +91,7 @@ class SelfModifyingTitans(nn.Module):
 
     def _kernel(self, x: torch.Tensor) -> str:
         """The chunk-update implementation for this input: config.memory_kernel, 'auto' resolved."""
-        kind = self.config.memory_kernel
-        if kind != "auto":
-            return kind
-        # Training on CUDA: the fused op (memory-light, compiled). Inference keeps the closed form:
-        # no backward to save for, and no compilation for every new prompt length.
-        fused = x.is_cuda and torch.is_grad_enabled() and not self.config.inner_momentum
-        return "compiled" if fused else "reference"
+        return self.config.resolved_memory_kernel(x.is_cuda, torch.is_grad_enabled())
 
     def _update(self, kernel: str, state: MemoryState, k, vhat, eta, log_alpha, log_mu, q=None):
         """One chunk's writes (and read-out with q): the reference closed form or the fused op."""

@@ -168,7 +168,10 @@ def free_memory(device: torch.device) -> None:
 
 def run_model(name: str, config: HopeConfig, size: str, seq: int, micro: int, args, device: torch.device) -> dict:
     result = {"model": name, "size": size, "seq": seq, "micro_batch": micro,
-              "checkpointing": config.gradient_checkpointing_layers, "compiled": args.compile and name != "HOPE"}
+              "checkpointing": config.gradient_checkpointing_layers, "compiled": args.compile and name != "HOPE",
+              # how HOPE's chunk update ran (docs/DESIGN_CHOICES.md #17)
+              "memory_kernel": config.resolved_memory_kernel(device.type == "cuda", training=True)
+              if config.mixer == "titans" else None}
     free_memory(device)
     try:
         result.update(measure(name, config, seq, micro, args, device))
@@ -184,6 +187,8 @@ def format_result(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
     notes = [n for n, on in (("layer checkpointing", r["checkpointing"]), ("compiled", r["compiled"])) if on]
+    if r.get("memory_kernel"):
+        notes.append(f"memory_kernel {r['memory_kernel']}")
     return (f"  {r['model']:14s} {r['params'] / 1e6:8.1f}M params {r['tokens_per_s']:12,.0f} tokens/s "
             f"{r['ms_per_step']:10.1f} ms/step  MFU {mfu:>6s}  peak mem {mem}  loss {r['loss']:.3f}"
             + (f"  ({', '.join(notes)})" if notes else ""))
