@@ -313,21 +313,21 @@ def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name,
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
     shapes = dict(C=C, D=d, M=m, DGD=dgd, PREC=TRITON_PRECISION)
-    # partial adjoints of the read-out, handed to the state kernel
-    dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, k, k))
-    dhp, dup, dEp, dz = (torch.empty(*k.shape[:-1], m, dtype=k.dtype, device=k.device) for _ in range(4))
-    detap, dlgp = torch.empty_like(eta), torch.empty_like(eta)
     dq = None
-    if q is not None:
+    partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
+    if q is not None:  # partial adjoints of the read-out, handed to the state kernel
         q, do = q.contiguous(), do.contiguous()
         dq = torch.empty_like(q)
+        dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, k, k))
+        dhp, dup, dEp, dz = (torch.empty(*k.shape[:-1], m, dtype=k.dtype, device=k.device) for _ in range(4))
+        detap, dlgp = torch.empty_like(eta), torch.empty_like(eta)
         chunk_bwd_readout1_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
         chunk_bwd_readout2_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
                                         **shapes)
+        partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)
     dW1, dW2, dk, dvhat = (torch.empty_like(t) for t in (W1, W2, k, vhat))
     deta, dla = torch.empty_like(eta), torch.empty_like(la)
-    chunk_bwd_state_kernel[(n,)](W1, W2, k, vhat, eta, la, Ti, dW1n, dW2n,
-                                 dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp,
+    chunk_bwd_state_kernel[(n,)](W1, W2, k, vhat, eta, la, Ti, dW1n, dW2n, *partials,
                                  dW1, dW2, dk, dvhat, deta, dla, HAS_Q=q is not None, **shapes)
     return dW1, dW2, dk, dvhat, deta, dla, dq
 

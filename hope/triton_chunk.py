@@ -1,5 +1,5 @@
 """Triton kernels of one chunk update (`memory_kernel: triton`, experimental): forward, and a
-backward in two kernels that recompute the chunk.
+backward in three kernels that recompute the chunk.
 
 One program per memory (batch x memory x head): it loads the chunk-start state W1 [d, m],
 W2 [m, d], the chunk's k, vhat, q [C, d], eta, log alpha [C] and T = (I + L)^-1 [C, C] (the
@@ -13,8 +13,9 @@ on the H100 (limit 227 KB) and minutes to compile. The backward differentiates t
 dual-form read-out in two halves (`chunk_bwd_readout1_kernel` up to dz = d(W2_t q_t), then
 `chunk_bwd_readout2_kernel`), which hand partial adjoints (7 tiles, and the gate adjoints
 already reduced to two vectors) to `chunk_bwd_state_kernel`: the chunk-end state, the delta rule,
-the gates and the inner gradients. Each kernel recomputes the forward quantities it needs. tools/triton_resources.py compiles them for sm_90 without a GPU
-and prints their shared memory.
+the gates and the inner gradients. Each kernel recomputes the forward quantities it needs
+(`_recompute`). tools/triton_resources.py compiles them for sm_90 without a GPU and prints their
+shared memory.
 """
 from __future__ import annotations
 
@@ -46,58 +47,19 @@ def _gates(la, rc, C: tl.constexpr):
 
 
 @triton.jit
-def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
-                     C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                     DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+def _offsets(n, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+    """Program n's element offsets: tokens rc, tiles [C, d], [C, m], [d, m], [m, d], vectors [C]."""
     rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
     cd = n * C * D + rc[:, None] * D + rd[None, :]
+    cm = n * C * M + rc[:, None] * M + rm[None, :]
     dm = n * D * M + rd[:, None] * M + rm[None, :]
     md = n * M * D + rm[:, None] * D + rd[None, :]
-    w1 = tl.load(W1 + dm)
-    w2 = tl.load(W2 + md)
-    k = tl.load(K + cd)
-    vh = tl.load(VH + cd)
-    eta = tl.load(ETA + n * C + rc)
-    la = tl.load(LA + n * C + rc)
-
-    lg, lgp, G, Gp, lgC, strict = _gates(la, rc, C)
-    Dm = G * eta[None, :]
-    g = tl.exp(lg)
-    gC = tl.exp(lgC)
-    GC = tl.exp(lgC - lg)  # last rows of G and D
-    DC = GC * eta
-
-    a = _dot(k, tl.trans(w2), PREC)
-    sig = tl.sigmoid(a)
-    h = a * sig
-    sp = sig * (1 + a * (1 - sig))
-    r = k + _dot(h, tl.trans(w1), PREC) - vh
-    u = sp * _dot(r, w1, PREC)
-    coef2 = -DC[:, None] * u
-    if DGD:
-        kk = _dot(k, tl.trans(k), PREC)
-        inner = tl.exp(lgp)[:, None] * a - _dot(Gp * eta[None, :] * kk, u, PREC)
-        Ti = tl.load(TI + n * C * C + rc[:, None] * C + rc[None, :])
-        E = _dot(Ti, -eta[:, None] * inner, PREC)
-        coef2 += GC[:, None] * E
-    tl.store(W1N + dm, gC * w1 - _dot(tl.trans(r * DC[:, None]), h, PREC))
-    tl.store(W2N + md, gC * w2 + _dot(tl.trans(coef2), k, PREC))
-
-    if HAS_Q:
-        q = tl.load(Q + cd)
-        qk = _dot(q, tl.trans(k), PREC)
-        z = g[:, None] * _dot(q, tl.trans(w2), PREC) - _dot(Dm * qk, u, PREC)
-        if DGD:
-            z += _dot(G * qk, E, PREC)
-        hq = z * tl.sigmoid(z)
-        read = g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
-        tl.store(O + cd, q + read)
+    return rc, cd, cm, dm, md, n * C + rc
 
 
 @triton.jit
 def _recompute(w1, w2, k, vh, eta, la, TI, n, rc, C: tl.constexpr, DGD: tl.constexpr, PREC: tl.constexpr):
-    """The forward quantities both backward kernels need (see chunk_fwd_kernel)."""
+    """The forward quantities of a chunk, from its start state (every kernel starts here)."""
     lg, lgp, G, Gp, lgC, strict = _gates(la, rc, C)
     a = _dot(k, tl.trans(w2), PREC)
     sig = tl.sigmoid(a)
@@ -128,23 +90,50 @@ def _readout_z(q, k, w2, u, E, G, Dm, g, DGD: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
+                     C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                     DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
+    w1 = tl.load(W1 + dm)
+    w2 = tl.load(W2 + md)
+    k = tl.load(K + cd)
+    eta = tl.load(ETA + cv)
+    lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
+    gC = tl.exp(lgC)
+    GC = tl.exp(lgC - lg)  # last rows of G and D
+    DC = GC * eta
+    coef2 = -DC[:, None] * u
+    if DGD:
+        coef2 += GC[:, None] * E
+    tl.store(W1N + dm, gC * w1 - _dot(tl.trans(r * DC[:, None]), h, PREC))
+    tl.store(W2N + md, gC * w2 + _dot(tl.trans(coef2), k, PREC))
+
+    if HAS_Q:
+        g = tl.exp(lg)
+        Dm = G * eta[None, :]
+        q = tl.load(Q + cd)
+        qk, Y, z = _readout_z(q, k, w2, u, E, G, Dm, g, DGD, PREC)
+        hq = z * tl.sigmoid(z)
+        read = g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
+        tl.store(O + cd, q + read)
+
+
+@triton.jit
 def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
                               DZ, DW1P, DRP, DHP, DETAP, DLGP,
                               C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t)."""
     n = tl.program_id(0).to(tl.int64)
-    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
-    cd = n * C * D + rc[:, None] * D + rd[None, :]
-    cm = n * C * M + rc[:, None] * M + rm[None, :]
-    dm = n * D * M + rd[:, None] * M + rm[None, :]
-    md = n * M * D + rm[:, None] * D + rd[None, :]
+    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
     k = tl.load(K + cd)
-    eta = tl.load(ETA + n * C + rc)
+    eta = tl.load(ETA + cv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + n * C + rc), TI, n, rc, C, DGD, PREC)
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     qk, Y, z = _readout_z(tl.load(Q + cd), k, w2, u, E, G, Dm, g, DGD, PREC)
@@ -165,8 +154,8 @@ def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
     tl.store(DZ + cm, dhq * (sz * (1 + z * (1 - sz))))
     # D = G * eta_j, G = exp(lg_t - lg_j): this half's gate adjoints, reduced to vectors
     dGG = dD * eta[None, :] * G
-    tl.store(DETAP + n * C + rc, tl.sum(dD * G, 0))
-    tl.store(DLGP + n * C + rc, tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
+    tl.store(DETAP + cv, tl.sum(dD * G, 0))
+    tl.store(DLGP + cv, tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
 
 
 @triton.jit
@@ -176,16 +165,12 @@ def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
                               DGD: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
     n = tl.program_id(0).to(tl.int64)
-    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
-    cd = n * C * D + rc[:, None] * D + rd[None, :]
-    cm = n * C * M + rc[:, None] * M + rm[None, :]
-    md = n * M * D + rm[:, None] * D + rd[None, :]
+    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
     w2 = tl.load(W2 + md)
     k = tl.load(K + cd)
-    eta = tl.load(ETA + n * C + rc)
+    eta = tl.load(ETA + cv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        tl.load(W1 + n * D * M + rd[:, None] * M + rm[None, :]), w2, k, tl.load(VH + cd), eta,
-        tl.load(LA + n * C + rc), TI, n, rc, C, DGD, PREC)
+        tl.load(W1 + dm), w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     q = tl.load(Q + cd)
@@ -213,8 +198,8 @@ def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
     dG += dD * eta[None, :]
     dGG = dG * G
     # add this half's gate adjoints to the first half's
-    tl.store(DETAP + n * C + rc, tl.load(DETAP + n * C + rc) + tl.sum(dD * G, 0))
-    tl.store(DLGP + n * C + rc, tl.load(DLGP + n * C + rc) + tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
+    tl.store(DETAP + cv, tl.load(DETAP + cv) + tl.sum(dD * G, 0))
+    tl.store(DLGP + cv, tl.load(DLGP + cv) + tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
 
 
 @triton.jit
@@ -225,18 +210,14 @@ def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
                            DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
     """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients."""
     n = tl.program_id(0).to(tl.int64)
-    rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
-    cd = n * C * D + rc[:, None] * D + rd[None, :]
-    cm = n * C * M + rc[:, None] * M + rm[None, :]
-    dm = n * D * M + rd[:, None] * M + rm[None, :]
-    md = n * M * D + rm[:, None] * D + rd[None, :]
+    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
     last = rc == C - 1
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
     k = tl.load(K + cd)
-    eta = tl.load(ETA + n * C + rc)
+    eta = tl.load(ETA + cv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + n * C + rc), TI, n, rc, C, DGD, PREC)
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
     gp = tl.exp(lgp)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
@@ -255,8 +236,8 @@ def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
         dh = tl.load(DHP + cm)
         du = tl.load(DUP + cm)
         dE = tl.load(DEP + cm)
-        deta = tl.load(DETAP + n * C + rc)
-        dlg = tl.load(DLGP + n * C + rc)
+        deta = tl.load(DETAP + cv)
+        dlg = tl.load(DLGP + cv)
     else:
         dk = tl.zeros([C, D], dtype=tl.float32)
         dr = tl.zeros([C, D], dtype=tl.float32)
@@ -331,5 +312,5 @@ def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
     tl.store(DW2 + md, dw2)
     tl.store(DK + cd, dk)
     tl.store(DVH + cd, -dr)
-    tl.store(DETA + n * C + rc, deta)
-    tl.store(DLA + n * C + rc, dla)
+    tl.store(DETA + cv, deta)
+    tl.store(DLA + cv, dla)
