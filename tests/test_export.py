@@ -50,8 +50,9 @@ def worker(out: Path) -> None:
     import torch.distributed as dist
 
     from hope import HopeForCausalLM
+    from train.distributed import start_process_group
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_process_group("gloo")
     rank = dist.get_rank()
     for stage in STAGES:
         torch.manual_seed(0)

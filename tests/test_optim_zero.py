@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train.optim.hope_optimizer as hope_optimizer  # noqa: E402
 from tests.test_optim_models import TinyHopeLike, make_batches  # noqa: E402
+from train.distributed import start_process_group  # noqa: E402
 from train.optim import OptimizerConfig, OptimizerSetupError, attach_engine, build_optimizer  # noqa: E402
 from train.optim.checkpoint import load_portable_state, portable_state, save_portable_state  # noqa: E402
 
@@ -192,9 +193,7 @@ def close(a: dict, b: dict) -> bool:
 def main(out_dir: str) -> None:
     batches = make_batches(STEPS, GLOBAL_BATCH, SEQ, seed=7)
     references = {algo: reference_run(algo, batches) for algo in ALGOS}
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
+    start_process_group("gloo", timeout=timedelta(seconds=90))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     figures = {}
     for stage in STAGES:
@@ -244,9 +243,7 @@ def main(out_dir: str) -> None:
 
 
 def resume(out_dir: str) -> None:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
+    start_process_group("gloo", timeout=timedelta(seconds=90))
     batches = make_batches(STEPS, GLOBAL_BATCH, SEQ, seed=7)
     ckpt_root = os.path.join(out_dir, "ckpt")
     for stage in STAGES:

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project, and bench_model when imported by a test
 from bench_model import device_name, parse_overrides, sync  # noqa: E402
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
+from train.distributed import start_process_group  # noqa: E402
 from train.metrics import device_peak_flops  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "model"
@@ -68,10 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def start_process_group(device: torch.device) -> None:
+def start_world(device: torch.device) -> None:
     """A world of one process: DeepSpeed's ZeRO optimizer needs an initialised process group."""
-    import deepspeed
-
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -79,7 +78,7 @@ def start_process_group(device: torch.device) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    start_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def ds_config(micro_batch: int, device: torch.device) -> dict:
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-engine INFO lines would bury the results
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 memory math may use TF32 tensor cores
-    start_process_group(device)
+    start_world(device)
     command = "python tools/bench_throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"device": device_name(device), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_world() -> World:
-    """Start (or join) the process group and pick this rank's device."""
+def start_process_group(backend: str, **kwargs) -> None:
+    """`deepspeed.init_distributed`, then drop the names of DeepSpeed's CPU shared-memory buffers.
+
+    On CPU each rank maps a 64 MiB all-reduce buffer at /dev/shm/deepspeed_allreduce_buffer_*
+    and DeepSpeed never unlinks it, so every multi-rank CPU run leaks RAM (/dev/shm is tmpfs)
+    until a machine that runs many of them, a CI runner say, has none left. Once every rank has
+    mapped its peers' buffers (init returned everywhere: the barrier), the names are not needed;
+    unlinking them keeps the mappings until the processes exit, SIGKILL included.
+    """
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)
+    if backend == "gloo":
+        dist.barrier()
+        name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                         os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def init_world() -> World:
+    """Start (or join) the process group and pick this rank's device."""
     if "RANK" not in os.environ:  # a plain single-process run
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -50,7 +68,7 @@ def init_world() -> World:
         if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        start_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
