@@ -287,17 +287,30 @@ TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
 
 
 def _delta_rule_inverse(k, eta, la):
-    """T = (I + L)^-1 of the chunk: the kernels take it as an input (it needs no memory state)."""
-    _, _, _, Gp = _gates(la)
-    return unit_lower_inverse(eta.unsqueeze(-1) * Gp * (k @ k.transpose(-1, -2))).contiguous()
+    """T = (I + L)^-1 of the chunk, one launch: the kernels take it as an input (it needs no memory
+    state). The same doubling as unit_lower_inverse, which would be ~60 small launches here.
+
+    k, eta, la may be broadcast views: the projection memories share them, so T is computed once
+    per distinct input and copied out to every memory (the kernels read one T per memory).
+    """
+    from .triton_chunk import delta_rule_inverse_kernel
+    C, d = k.shape[-2], k.shape[-1]
+    lead = k.shape[:-2]
+    shared = tuple(slice(0, 1) if all(t.stride(i) == 0 for t in (k, eta, la)) else slice(None)
+                   for i in range(len(lead)))
+    k, eta, la = (t[shared].contiguous() for t in (k, eta, la))
+    T = torch.empty(*k.shape[:-1], C, dtype=k.dtype, device=k.device)
+    delta_rule_inverse_kernel[(k.numel() // (C * d),)](k, eta, la, T, C=C, D=d, LOG2C=C.bit_length() - 1,
+                                                       PREC=TRITON_PRECISION)
+    return T.expand(*lead, C, C).contiguous()
 
 
 def _triton_forward(W1, W2, k, vhat, eta, la, q, dgd, act_name):
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
+    Ti = _delta_rule_inverse(k, eta, la) if dgd else None  # before .contiguous() copies broadcast inputs
     W1, W2, k, vhat, eta, la = (t.contiguous() for t in (W1, W2, k, vhat, eta, la))
     q = None if q is None else q.contiguous()
-    Ti = _delta_rule_inverse(k, eta, la) if dgd else None
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
     o = torch.empty_like(q) if q is not None else None
     chunk_fwd_kernel[(W1.numel() // (d * m),)](

@@ -3,8 +3,8 @@ backward in three kernels that recompute the chunk.
 
 One program per memory (batch x memory x head): it loads the chunk-start state W1 [d, m],
 W2 [m, d], the chunk's k, vhat, q [C, d], eta, log alpha [C] and T = (I + L)^-1 [C, C] (the
-gated-delta-rule inverse, computed outside: it depends on k, eta, alpha only), and does the whole
-chunk on chip. hope/chunk_grad.py is the same math in PyTorch, line for line, and the reference
+gated-delta-rule inverse: it depends on k, eta, alpha only, so `delta_rule_inverse_kernel`
+computes it first and the backward reuses it), and does the whole chunk on chip. hope/chunk_grad.py is the same math in PyTorch, line for line, and the reference
 these kernels are tested against (under TRITON_INTERPRET=1 on CPU). SiLU only; fp32 in and out;
 the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32" fastest).
 
@@ -87,6 +87,31 @@ def _readout_z(q, k, w2, u, E, G, Dm, g, DGD: tl.constexpr, PREC: tl.constexpr):
     if DGD:
         z += _dot(G * qk, E, PREC)
     return qk, Y, z
+
+
+@triton.jit
+def delta_rule_inverse_kernel(K, ETA, LA, TI, C: tl.constexpr, D: tl.constexpr, LOG2C: tl.constexpr,
+                              PREC: tl.constexpr):
+    """T = (I + L)^-1 with L = diag(eta) (Gp * k k^T), one memory per program: the ~60 small
+    PyTorch ops of chunk_grad.unit_lower_inverse and its inputs in one launch, same doubling.
+
+    Level s makes the inverses of the s x s diagonal blocks into those of the 2s x 2s blocks,
+    [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]: with X block-diagonal (the level's
+    inverses) and B' the lower-left s x s blocks of L inside each 2s block, X <- X - X B' X.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    rc, rd = tl.arange(0, C), tl.arange(0, D)
+    k = tl.load(K + n * C * D + rc[:, None] * D + rd[None, :])
+    eta = tl.load(ETA + n * C + rc)
+    _, _, _, Gp, _, _ = _gates(tl.load(LA + n * C + rc), rc, C)
+    L = eta[:, None] * Gp * _dot(k, tl.trans(k), PREC)
+    X = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    for level in tl.static_range(LOG2C):
+        # s = 2^level: same 2s block, row in its lower half, column in its upper half
+        same_block = rc[:, None] >> (level + 1) == rc[None, :] >> (level + 1)
+        lower_left = same_block & ((rc[:, None] >> level) & 1 == 1) & ((rc[None, :] >> level) & 1 == 0)
+        X = X - _dot(_dot(X, tl.where(lower_left, L, 0.0), PREC), X, PREC)
+    tl.store(TI + n * C * C + rc[:, None] * C + rc[None, :], X)
 
 
 @triton.jit

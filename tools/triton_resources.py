@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hope import triton_chunk  # noqa: E402
 
 KERNELS = {  # kernel name -> number of leading pointer arguments
+    "delta_rule_inverse_kernel": 4,
     "chunk_fwd_kernel": 11,
     "chunk_bwd_readout1_kernel": 15,
     "chunk_bwd_readout2_kernel": 17,
@@ -46,7 +47,7 @@ def main():
     p.add_argument("--kernels", default=",".join(KERNELS))
     args = p.parse_args()
     n = args.size
-    constants = dict(C=n, D=n, M=n, DGD=True, HAS_Q=True, PREC=args.precision)
+    constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, PREC=args.precision)
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps")
     for name in args.kernels.split(","):
