@@ -152,26 +152,29 @@ class SelfModifyingTitans(nn.Module):
         z = {n: t.to(dtype) for n, t in self._inputs(x, conv_state).items()}
         mu_log = F.logsigmoid(self.momentum_proj(x).to(dtype) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
 
+        # Inputs are split into chunks once, up front: split's backward is one concatenation, where
+        # per-chunk slicing would build a full-length zero gradient per chunk and add them up.
         # Pass 1: projection memories, chunk by chunk.
         proj_state = self._initial_state(self.adaptive, B, dtype) if self.adaptive else None
         outs = {name: [] for name in ("k", "v", "q", "eta", "log_alpha")}
         Cp = cfg.projection_chunk_size
         proj_start, proj_pos = proj_state, 0
-        for s in range(0, T, Cp):
+        z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
+        mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
+        for i, s in enumerate(range(0, T, Cp)):
             e = min(s + Cp, T)
-            zc = {name: z[name][:, :, s:e] for name in PROJECTION_MEMORIES}
+            zc = {name: z_chunks[name][i] for name in PROJECTION_MEMORIES}
             if self.adaptive:
                 stacked = torch.stack([zc[n] for n in self.adaptive], dim=1)  # [B, X, H, C, d]
                 read = memory_forward(stacked, proj_state.W1, proj_state.W2, self.act[0])
-                for i, n in enumerate(self.adaptive):
-                    zc[n] = read[:, i]
+                zc.update(zip(self.adaptive, read.unbind(1)))  # unbind: one backward op, not one per memory
             k, v, q, eta, log_alpha = self._readouts(zc)
             for name, t in zip(("k", "v", "q", "eta", "log_alpha"), (k, v, q, eta, log_alpha)):
                 outs[name].append(t)
             if self.adaptive:
                 proj_start = proj_state
                 vhat = self._targets(v.unsqueeze(1), proj_state)
-                lmu = None if mu_log is None else mu_log[:, None, :, s:e]
+                lmu = None if mu_log is None else mu_chunks[i][:, None]
                 proj_state, _ = self._update(kernel, proj_state, k.unsqueeze(1), vhat, eta.unsqueeze(1),
                                              log_alpha.unsqueeze(1), lmu)
                 proj_pos = e - s
@@ -181,14 +184,15 @@ class SelfModifyingTitans(nn.Module):
         state = self._initial_state(["memory"], B, dtype)
         Cm, chunks = cfg.chunk_size, []
         main_start, main_pos = state, 0
-        for s in range(0, T, Cm):
+        split = {name: t.unsqueeze(1).split(Cm, dim=3) for name, t in  # [B, 1 memory, H, C, ...]
+                 (("k", k), ("v", v), ("q", q), ("eta", eta), ("log_alpha", log_alpha), ("mu", mu_log)) if t is not None}
+        for i, s in enumerate(range(0, T, Cm)):
             e = min(s + Cm, T)
-            sl = lambda t: t[:, None, :, s:e]  # noqa: E731  add the memory dim
+            c = {name: chunks_of[i] for name, chunks_of in split.items()}
             main_start = state
-            vhat = self._targets(sl(v), state)
-            lmu = None if mu_log is None else sl(mu_log)
-            state, o = self._update(kernel, state, sl(k), vhat, sl(eta), sl(log_alpha), lmu, q=sl(q))
-            chunks.append(o[:, 0])
+            vhat = self._targets(c["v"], state)
+            state, o = self._update(kernel, state, c["k"], vhat, c["eta"], c["log_alpha"], c.get("mu"), q=c["q"])
+            chunks.append(o.squeeze(1))
             main_pos = e - s
         o = torch.cat(chunks, dim=2).to(x.dtype)
 

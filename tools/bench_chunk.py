@@ -3,20 +3,28 @@
     python tools/bench_chunk.py --size 340M --batch 4 --device cuda
 
 Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
-backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels (CUDA only;
-HOPE_TRITON_PRECISION=tf32x3 for ~fp32 matmuls). Two shapes:
-the projection pass (batch x 5 memories x heads) and the main memory with its read-out
-(batch x heads). A layer runs seq/C chunk steps of each, sequentially.
+backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels
+(HOPE_TRITON_PRECISION=tf32x3 for ~fp32 matmuls; on CPU they run in Triton's interpreter and are
+counted, not timed). Two shapes: the projection pass (batch x 5 memories x heads, sharing k, eta
+and alpha) and the main memory with its read-out (batch x heads). A layer runs seq/C chunk steps
+of each, sequentially, so besides time each row counts its launches per chunk step: PyTorch ops
+that run a kernel (views and allocations left out) plus Triton kernels. At ~5-10 us of host time
+each, launches bound these small steps on a GPU. The compiled row is timed only (inductor's
+kernels do not pass through the dispatcher).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+if not torch.cuda.is_available():  # the Triton row runs in Triton's interpreter (read at its import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hope import HopeConfig  # noqa: E402
@@ -24,20 +32,69 @@ from hope import chunk_grad  # noqa: E402
 from hope.memory import MemoryState, _chunk_update, activation  # noqa: E402
 
 
-def inputs(lead, C, d, m, device, with_q):
+def inputs(lead, C, d, m, device, with_q, shared_dim=None):
+    """Random chunk inputs; k, eta, alpha of size 1 along `shared_dim` (the projection memories')."""
     W1, W2 = 0.02 * torch.randn(*lead, d, m, device=device), torch.randn(*lead, m, d, device=device) / d ** 0.5
-    k = torch.nn.functional.normalize(torch.randn(*lead, C, d, device=device), dim=-1)
+    kl = list(lead)
+    if shared_dim is not None:
+        kl[shared_dim] = 1
+    k = torch.nn.functional.normalize(torch.randn(*kl, C, d, device=device), dim=-1)
     vhat = torch.randn(*lead, C, d, device=device)
-    eta, la = 0.1 * torch.rand(*lead, C, device=device), -0.02 * torch.rand(*lead, C, device=device)
+    eta, la = 0.1 * torch.rand(*kl, C, device=device), -0.02 * torch.rand(*kl, C, device=device)
     q = torch.randn(*lead, C, d, device=device) if with_q else None
     xs = [t.requires_grad_(True) for t in (W1, W2, k, vhat, eta, la)]
     return xs + [None if q is None else q.requires_grad_(True)]
 
 
+def fwd_bwd(fn, xs):
+    outs = [o for o in fn(*xs) if o is not None]
+    torch.autograd.grad(outs, [x for x in xs if x is not None], [torch.ones_like(o) for o in outs])
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the PyTorch ops that run a kernel, and (via `triton_kernel`) Triton launches."""
+
+    NOT_KERNELS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.aten = self.triton = 0
+        self.inside_triton = False  # the interpreter's own tensor traffic is not a launch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside_triton and not func.is_view and name not in self.NOT_KERNELS:
+            self.aten += 1
+        return func(*args, **(kwargs or {}))
+
+    def triton_kernel(self, run):
+        def counted(*args, **kwargs):
+            self.triton += 1
+            self.inside_triton = True
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.inside_triton = False
+        return counted
+
+
+def count_launches(fn, xs) -> tuple[int, int]:
+    from hope import triton_chunk
+    kernels = [getattr(triton_chunk, n) for n in dir(triton_chunk) if n.endswith("_kernel")]
+    with LaunchCounter() as counter:
+        for kernel in kernels:
+            kernel.run = counter.triton_kernel(type(kernel).run.__get__(kernel))
+        try:
+            fwd_bwd(fn, xs)
+        finally:
+            for kernel in kernels:
+                del kernel.run
+    return counter.aten, counter.triton
+
+
 def time_it(fn, xs, device, reps: int) -> float:
     def once():
-        outs = [o for o in fn(*xs) if o is not None]
-        torch.autograd.grad(outs, [x for x in xs if x is not None], [torch.ones_like(o) for o in outs])
+        fwd_bwd(fn, xs)
     for _ in range(3):
         once()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -70,19 +127,21 @@ def main():
     def fused(backend):
         return lambda *xs: chunk_grad.fused_chunk_update(*xs, dgd=cfg.dgd, backend=backend)
 
-    for label, lead, with_q in (("projection pass", (args.batch, len(cfg.adaptive), H), False),
-                                ("main memory + read-out", (args.batch, H), True)):
-        xs = inputs(lead, C, d, m, args.device, with_q)
+    for label, lead, with_q, shared in (("projection pass", (args.batch, len(cfg.adaptive), H), False, 1),
+                                        ("main memory + read-out", (args.batch, H), True, None)):
+        xs = inputs(lead, C, d, m, args.device, with_q, shared)
         print(f"{label}: {int(torch.tensor(lead).prod())} memories, {cfg.num_layers} layers x "
               f"{2048 // C} chunks per 2K sequence")
         rows = [("reference (autograd)", reference), ("recompute, eager", fused("torch"))]
         if args.device == "cuda" or args.compile:
             rows.append(("recompute, compiled", fused("compiled")))
-        if args.device == "cuda":
-            rows.append((f"triton kernels ({chunk_grad.TRITON_PRECISION})", fused("triton")))
+        rows.append((f"triton kernels ({chunk_grad.TRITON_PRECISION})", fused("triton")))
         for name, fn in rows:
-            us = time_it(fn, xs, args.device, args.reps)
-            print(f"  {name:28s} {us:9.1f} us per chunk fwd+bwd", flush=True)
+            counted = "compiled" not in name
+            interpreted = name.startswith("triton") and args.device != "cuda"
+            launches = "%4d PyTorch ops + %d Triton kernels" % count_launches(fn, xs) if counted else ""
+            us = "interpreted" if interpreted else f"{time_it(fn, xs, args.device, args.reps):9.1f} us"
+            print(f"  {name:28s} {us:>12s} per chunk fwd+bwd  {launches}", flush=True)
 
 
 if __name__ == "__main__":
