@@ -200,6 +200,27 @@ def test_triton_kernels_handle_shared_keys_and_gates():
 
 
 @needs_triton
+def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
+    """Launches, not FLOPs, bound these small chunk steps on a GPU (docs/PERFORMANCE.md): the
+    Triton op stays a few launches (forward, inverse, backward kernels and the input copies)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_chunk.py"
+    spec = importlib.util.spec_from_file_location("bench_chunk", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    device = "cuda" if CUDA else "cpu"
+    main = bench.inputs((2, 3), 16, 16, 16, device, with_q=True)
+    projection = bench.inputs((2, 5, 3), 16, 16, 16, device, with_q=False, shared_dim=1)
+    aten, kernels = bench.count_launches(fused("triton", True), main)
+    assert kernels == 5 and aten <= 5, (aten, kernels)  # inverse, forward, 3 backward kernels
+    aten, kernels = bench.count_launches(fused("triton", True), projection)
+    assert kernels == 3 and aten <= 14, (aten, kernels)  # no read-out: inverse, forward, one backward
+    aten, kernels = bench.count_launches(fused("torch", True), main)
+    assert kernels == 0 and aten > 100, aten  # the counter sees PyTorch ops
+
+
+@needs_triton
 def test_model_with_triton_kernels_equals_reference():
     ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
     ref_loss, ref_grads = loss_and_grads(small_hope("reference"), ids)

@@ -1,6 +1,7 @@
 """Time one chunk update (forward + backward) per implementation, at the shapes of a model size.
 
     python tools/bench_chunk.py --size 340M --batch 4 --device cuda
+    python tools/bench_chunk.py --size 340M --layer     # + launches of a whole layer per chunk step
 
 Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
 backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels
@@ -48,7 +49,10 @@ def inputs(lead, C, d, m, device, with_q, shared_dim=None):
 
 def fwd_bwd(fn, xs):
     outs = [o for o in fn(*xs) if o is not None]
-    torch.autograd.grad(outs, [x for x in xs if x is not None], [torch.ones_like(o) for o in outs])
+    if xs:
+        torch.autograd.grad(outs, [x for x in xs if x is not None], [torch.ones_like(o) for o in outs])
+    else:  # a model: backward into its parameters
+        sum(o.sum() for o in outs).backward()
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -92,6 +96,20 @@ def count_launches(fn, xs) -> tuple[int, int]:
     return counter.aten, counter.triton
 
 
+def layer_launches_per_chunk(size: str, kernel: str) -> float:
+    """Launches of one HOPE layer's forward + backward (loss included) per chunk step of both
+    passes: the difference between 4 and 2 chunks of sequence, halved (batch 1, CPU)."""
+    from hope import HopeForCausalLM
+    counts = []
+    for chunks in (2, 4):
+        cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml")
+        cfg.num_layers, cfg.vocab_size, cfg.memory_kernel = 1, 256, kernel
+        model = HopeForCausalLM(cfg)
+        ids = torch.randint(0, 256, (1, chunks * cfg.chunk_size))
+        counts.append(sum(count_launches(lambda: (model(ids, labels=ids).loss,), [])))
+    return (counts[1] - counts[0]) / 2
+
+
 def time_it(fn, xs, device, reps: int) -> float:
     def once():
         fwd_bwd(fn, xs)
@@ -113,6 +131,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="also the compiled op on CPU (always on CUDA)")
+    p.add_argument("--layer", action="store_true", help="also count a whole layer's launches per chunk step")
     args = p.parse_args()
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{args.size}.yaml")
     C, d, m, H = cfg.chunk_size, cfg.head_dim, cfg.memory_width, cfg.num_heads
@@ -142,6 +161,11 @@ def main():
             launches = "%4d PyTorch ops + %d Triton kernels" % count_launches(fn, xs) if counted else ""
             us = "interpreted" if interpreted else f"{time_it(fn, xs, args.device, args.reps):9.1f} us"
             print(f"  {name:28s} {us:>12s} per chunk fwd+bwd  {launches}", flush=True)
+
+    if args.layer:
+        print("one layer, forward + backward, per chunk step of both passes (CPU, batch 1):")
+        for kernel in ("reference", "torch", "triton"):
+            print(f"  {kernel:28s} {layer_launches_per_chunk(args.size, kernel):6.0f} launches", flush=True)
 
 
 if __name__ == "__main__":
