@@ -137,6 +137,15 @@ class SelfModifyingTitans(nn.Module):
             o = o * F.silu(self.gate_proj(x))
         return self.o_proj(o)
 
+    @staticmethod
+    def _chunks(t: torch.Tensor, C: int) -> tuple[torch.Tensor, ...]:
+        """[B, H, T, ...] -> chunks [B, 1 memory, H, C, ...]. Contiguous when C divides T (one copy
+        for all chunks, so the fused op copies none of them on each call); split views otherwise."""
+        T = t.shape[2]
+        if T % C:
+            return t.unsqueeze(1).split(C, dim=3)
+        return t.unflatten(2, (T // C, C)).movedim(2, 0).unsqueeze(2).contiguous().unbind(0)
+
     # ------------------------------------------------------------------ parallel forward
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x: [B, T, D]. With `cache` (a dict), the decoding state is written into it."""
@@ -184,7 +193,7 @@ class SelfModifyingTitans(nn.Module):
         state = self._initial_state(["memory"], B, dtype)
         Cm, chunks = cfg.chunk_size, []
         main_start, main_pos = state, 0
-        split = {name: t.unsqueeze(1).split(Cm, dim=3) for name, t in  # [B, 1 memory, H, C, ...]
+        split = {name: self._chunks(t, Cm) for name, t in
                  (("k", k), ("v", v), ("q", q), ("eta", eta), ("log_alpha", log_alpha), ("mu", mu_log)) if t is not None}
         for i, s in enumerate(range(0, T, Cm)):
             e = min(s + Cm, T)
