@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU session's checks and measurements of the chunk kernels (issue 8), as one script that
+# fits one device call (10 minutes):
+#
+#   bash tools/gpu_session.sh wheels   # here, once: wheels the GPU image lacks, into .whl/
+#   bash tools/gpu_session.sh          # there: device tool, carry [".whl"]; results in $OUT
+#
+# The GPU image has torch, triton and numpy but no deepspeed and no network, hence the wheels
+# (Python 3.12). Each part has its own time limit, so one that hangs or runs out of memory does not
+# cost the others; every part's full output is in $OUT/<part>.log, its tail on stdout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = wheels ]; then
+    rm -rf .whl && mkdir -p .whl
+    python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+    python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .whl \
+        hjson pydantic pydantic_core annotated_types typing_extensions typing_inspection py-cpuinfo \
+        msgpack ninja psutil tqdm einops fsspec pytest pluggy iniconfig pytest-timeout
+    ls .whl
+    exit 0
+fi
+
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD"
+fi
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONWARNINGS=ignore  # the image's 9.0a breaks DeepSpeed's op builder
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+
+part() {  # part NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($*)"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "   exit $? after $((SECONDS - start)) s"
+    tail -n 25 "$OUT/$name.log"
+}
+
+THROUGHPUT=(python3 tools/bench_throughput.py --sizes 340M --seqs 2048 --micro-batch 4
+            --checkpoint-layers off --steps 3 --warmup 2)
+part gpu-tests 180 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider
+part bench-chunk 90 python3 tools/bench_chunk.py --size 340M --batch 4
+part throughput-triton 150 "${THROUGHPUT[@]}" --set memory_kernel=triton --json "$OUT/triton.json"
+part throughput-compiled 150 "${THROUGHPUT[@]}" --set memory_kernel=compiled --json "$OUT/compiled.json"
