@@ -13,6 +13,7 @@ memory.py: k, vhat, q [..., C, d]; eta, la (log alpha) [..., C]; W1 [..., d, m];
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -286,60 +287,73 @@ def _implementation(backend: str):
 TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
 
 
-def _delta_rule_inverse(k, eta, la):
-    """T = (I + L)^-1 of the chunk, one launch: the kernels take it as an input (it needs no memory
-    state). The same doubling as unit_lower_inverse, which would be ~60 small launches here.
+def _shared_inputs(k, eta, la):
+    """k, eta, la without the lead dims they are broadcast along, and the kernels' (SX, SH).
 
-    k, eta, la may be broadcast views: the projection memories share them, so T is computed once
-    per distinct input and copied out to every memory (the kernels read one T per memory).
+    The projection memories share k, eta, alpha: views broadcast along the memory dim. The kernels
+    read one tile per group (triton_chunk._offsets) instead of a copy per memory, if the shared
+    dims are one run (P, SX, SH) of the lead dims; otherwise every memory gets its own copy.
     """
+    lead = k.shape[:-2]
+    shared = [n > 1 and all(t.stride(i) == 0 for t in (k, eta, la)) for i, n in enumerate(lead)]
+    dims = [i for i, is_shared in enumerate(shared) if is_shared]
+    if not dims or dims != list(range(dims[0], dims[-1] + 1)):
+        return k.contiguous(), eta.contiguous(), la.contiguous(), 1, 1
+    one = tuple(slice(0, 1) if is_shared else slice(None) for is_shared in shared)
+    k, eta, la = (t[one].contiguous() for t in (k, eta, la))
+    return k, eta, la, math.prod(lead[dims[0]:dims[-1] + 1]), math.prod(lead[dims[-1] + 1:])
+
+
+def _delta_rule_inverse(k, eta, la):
+    """T = (I + L)^-1 of the chunk, one launch (contiguous inputs): the kernels take it as an input
+    (it needs no memory state). The same doubling as unit_lower_inverse, ~60 small launches here."""
     from .triton_chunk import delta_rule_inverse_kernel
     C, d = k.shape[-2], k.shape[-1]
-    lead = k.shape[:-2]
-    shared = tuple(slice(0, 1) if all(t.stride(i) == 0 for t in (k, eta, la)) else slice(None)
-                   for i in range(len(lead)))
-    k, eta, la = (t[shared].contiguous() for t in (k, eta, la))
     T = torch.empty(*k.shape[:-1], C, dtype=k.dtype, device=k.device)
     delta_rule_inverse_kernel[(k.numel() // (C * d),)](k, eta, la, T, C=C, D=d, LOG2C=C.bit_length() - 1,
                                                        PREC=TRITON_PRECISION)
-    return T.expand(*lead, C, C).contiguous()
+    return T
 
 
 def _triton_forward(W1, W2, k, vhat, eta, la, q, dgd, act_name):
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
-    Ti = _delta_rule_inverse(k, eta, la) if dgd else None  # before .contiguous() copies broadcast inputs
-    W1, W2, k, vhat, eta, la = (t.contiguous() for t in (W1, W2, k, vhat, eta, la))
+    k, eta, la, SX, SH = _shared_inputs(k, eta, la)
+    Ti = _delta_rule_inverse(k, eta, la) if dgd else None
+    W1, W2, vhat = (t.contiguous() for t in (W1, W2, vhat))
     q = None if q is None else q.contiguous()
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
     o = torch.empty_like(q) if q is not None else None
     chunk_fwd_kernel[(W1.numel() // (d * m),)](
         W1, W2, k, vhat, eta, la, k if q is None else q, k if Ti is None else Ti, W1n, W2n, k if o is None else o,
-        C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=TRITON_PRECISION)  # k: a placeholder, never read
+        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=TRITON_PRECISION)  # k: a placeholder, never read
     return W1n, W2n, o, Ti  # T is kept for the backward (C x C per memory) instead of recomputed
 
 
 def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name, Ti=None):
     from .triton_chunk import chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
-    W1, W2, k, vhat, eta, la, dW1n, dW2n = (t.contiguous() for t in (W1, W2, k, vhat, eta, la, dW1n, dW2n))
+    shape_k, shape_eta = k.shape, eta.shape  # the gradients are per memory; autograd sums shared ones
+    k, eta, la, SX, SH = _shared_inputs(k, eta, la)
+    W1, W2, vhat, dW1n, dW2n = (t.contiguous() for t in (W1, W2, vhat, dW1n, dW2n))
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
-    shapes = dict(C=C, D=d, M=m, DGD=dgd, PREC=TRITON_PRECISION)
+    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, PREC=TRITON_PRECISION)
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
     if q is not None:  # partial adjoints of the read-out, handed to the state kernel
         q, do = q.contiguous(), do.contiguous()
         dq = torch.empty_like(q)
-        dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, k, k))
-        dhp, dup, dEp, dz = (torch.empty(*k.shape[:-1], m, dtype=k.dtype, device=k.device) for _ in range(4))
-        detap, dlgp = torch.empty_like(eta), torch.empty_like(eta)
+        dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, q, q))
+        dhp, dup, dEp, dz = (torch.empty(*q.shape[:-1], m, dtype=q.dtype, device=q.device) for _ in range(4))
+        detap, dlgp = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
         chunk_bwd_readout1_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
         chunk_bwd_readout2_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
                                         **shapes)
         partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)
-    dW1, dW2, dk, dvhat = (torch.empty_like(t) for t in (W1, W2, k, vhat))
-    deta, dla = torch.empty_like(eta), torch.empty_like(la)
+    dW1, dW2, dvhat = (torch.empty_like(t) for t in (W1, W2, vhat))
+    dk = torch.empty(shape_k, dtype=k.dtype, device=k.device)
+    deta, dla = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
     chunk_bwd_state_kernel[(n,)](W1, W2, k, vhat, eta, la, Ti, dW1n, dW2n, *partials,
                                  dW1, dW2, dk, dvhat, deta, dla, HAS_Q=q is not None, **shapes)
     return dW1, dW2, dk, dvhat, deta, dla, dq

@@ -4,7 +4,8 @@ backward in three kernels that recompute the chunk.
 One program per memory (batch x memory x head): it loads the chunk-start state W1 [d, m],
 W2 [m, d], the chunk's k, vhat, q [C, d], eta, log alpha [C] and T = (I + L)^-1 [C, C] (the
 gated-delta-rule inverse: it depends on k, eta, alpha only, so `delta_rule_inverse_kernel`
-computes it first and the backward reuses it), and does the whole chunk on chip. hope/chunk_grad.py is the same math in PyTorch, line for line, and the reference
+computes it first and the backward reuses it), and does the whole chunk on chip. Memories that
+share k, eta, alpha (the projection memories) read one copy of them and of T (`_offsets`). hope/chunk_grad.py is the same math in PyTorch, line for line, and the reference
 these kernels are tested against (under TRITON_INTERPRET=1 on CPU). SiLU only; fp32 in and out;
 the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32" fastest).
 
@@ -47,18 +48,24 @@ def _gates(la, rc, C: tl.constexpr):
 
 
 @triton.jit
-def _offsets(n, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
-    """Program n's element offsets: tokens rc, tiles [C, d], [C, m], [d, m], [m, d], vectors [C]."""
+def _offsets(n, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+    """Program n's element offsets: tokens rc, tiles [C, d], [C, m], [d, m], [m, d], vectors [C];
+    then the tile [C, d], vector [C] and index of the k, eta, alpha (and T) that program n reads.
+
+    Memories may share k, eta, alpha (the projection memories do): with the programs laid out as
+    (P, SX, SH), the SX memories of a group read one tile, number p * SH + h. SX = SH = 1: n's own.
+    """
     rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
     cd = n * C * D + rc[:, None] * D + rd[None, :]
     cm = n * C * M + rc[:, None] * M + rm[None, :]
     dm = n * D * M + rd[:, None] * M + rm[None, :]
     md = n * M * D + rm[:, None] * D + rd[None, :]
-    return rc, cd, cm, dm, md, n * C + rc
+    nk = (n // (SX * SH)) * SH + n % SH
+    return rc, cd, cm, dm, md, n * C + rc, nk * C * D + rc[:, None] * D + rd[None, :], nk * C + rc, nk
 
 
 @triton.jit
-def _recompute(w1, w2, k, vh, eta, la, TI, n, rc, C: tl.constexpr, DGD: tl.constexpr, PREC: tl.constexpr):
+def _recompute(w1, w2, k, vh, eta, la, TI, nk, rc, C: tl.constexpr, DGD: tl.constexpr, PREC: tl.constexpr):
     """The forward quantities of a chunk, from its start state (every kernel starts here)."""
     lg, lgp, G, Gp, lgC, strict = _gates(la, rc, C)
     a = _dot(k, tl.trans(w2), PREC)
@@ -69,7 +76,7 @@ def _recompute(w1, w2, k, vh, eta, la, TI, n, rc, C: tl.constexpr, DGD: tl.const
     p = _dot(r, w1, PREC)
     u = sp * p
     if DGD:
-        Ti = tl.load(TI + n * C * C + rc[:, None] * C + rc[None, :])
+        Ti = tl.load(TI + nk * C * C + rc[:, None] * C + rc[None, :])
         kk = _dot(k, tl.trans(k), PREC)
         inner = tl.exp(lgp)[:, None] * a - _dot(Gp * eta[None, :] * kk, u, PREC)
         E = _dot(Ti, -eta[:, None] * inner, PREC)
@@ -116,16 +123,16 @@ def delta_rule_inverse_kernel(K, ETA, LA, TI, C: tl.constexpr, D: tl.constexpr, 
 
 @triton.jit
 def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
-                     C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                     SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                      DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
-    k = tl.load(K + cd)
-    eta = tl.load(ETA + cv)
+    k = tl.load(K + kcd)
+    eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
     DC = GC * eta
@@ -148,17 +155,17 @@ def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
 @triton.jit
 def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
                               DZ, DW1P, DRP, DHP, DETAP, DLGP,
-                              C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                              SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t)."""
     n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
-    k = tl.load(K + cd)
-    eta = tl.load(ETA + cv)
+    k = tl.load(K + kcd)
+    eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     qk, Y, z = _readout_z(tl.load(Q + cd), k, w2, u, E, G, Dm, g, DGD, PREC)
@@ -186,16 +193,16 @@ def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
 @triton.jit
 def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
                               DQ, DW2P, DKP, DUP, DEP, DETAP, DLGP,
-                              C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                              SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
     n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     w2 = tl.load(W2 + md)
-    k = tl.load(K + cd)
-    eta = tl.load(ETA + cv)
+    k = tl.load(K + kcd)
+    eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        tl.load(W1 + dm), w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
+        tl.load(W1 + dm), w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     q = tl.load(Q + cd)
@@ -231,18 +238,18 @@ def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
 def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
                            DW1P, DW2P, DKP, DRP, DHP, DUP, DEP, DETAP, DLGP,
                            DW1, DW2, DK, DVH, DETA, DLA,
-                           C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                           SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                            DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
     """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients."""
     n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv = _offsets(n, C, D, M)
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     last = rc == C - 1
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
-    k = tl.load(K + cd)
-    eta = tl.load(ETA + cv)
+    k = tl.load(K + kcd)
+    eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + cv), TI, n, rc, C, DGD, PREC)
+        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     gp = tl.exp(lgp)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D

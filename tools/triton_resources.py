@@ -32,7 +32,9 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 def compile_kernel(name: str, pointers: int, constants: dict, arch: int, warps: int):
     kernel = getattr(triton_chunk, name)
     names = list(kernel.arg_names)
-    signature = {arg: ("*fp32" if i < pointers else "constexpr") for i, arg in enumerate(names)}
+    integers = {"SX", "SH"}  # runtime int arguments (memories sharing k, eta, alpha)
+    signature = {arg: ("*fp32" if i < pointers else "i32" if arg in integers else "constexpr")
+                 for i, arg in enumerate(names)}
     constexprs = {(names.index(key),): value for key, value in constants.items() if key in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
