@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -264,22 +265,45 @@ def chunk_backward(W1, W2, k, vhat, eta, la, q, dgd: bool, dW1n, dW2n, do, act_n
 # ---------------------------------------------------------------------------------------------
 # The autograd op: one chunk, forward and recomputing backward, eager or compiled.
 
-_COMPILED: dict[str, object] = {}
+def targets_forward(W1, W2, v, act_name: str = "silu"):
+    """Self-generated targets vhat = M(v) = v + W1 s(W2 v) under the chunk-start state."""
+    s, _ = activation(act_name)
+    return v + s(v @ W2.transpose(-1, -2)) @ W1.transpose(-1, -2)
 
 
-def _implementation(backend: str):
-    """(forward, backward) functions: eager, torch.compile'd once per process (shapes specialise),
+def targets_backward(W1, W2, v, dvhat, dW1, dW2, act_name: str = "silu"):
+    """Adds the targets' share to dW1, dW2 (in place) and returns dv."""
+    s, ds = activation(act_name)
+    a = v @ W2.transpose(-1, -2)
+    dW1 += dvhat.transpose(-1, -2) @ s(a)
+    da = (dvhat @ W1) * ds(a)
+    dW2 += da.transpose(-1, -2) @ v
+    return dvhat + da @ W2
+
+
+class Backend(NamedTuple):
+    forward: Callable
+    backward: Callable
+    targets: Callable
+    targets_backward: Callable
+
+
+_COMPILED: list[Backend] = []
+
+
+def _implementation(backend: str) -> Backend:
+    """The chunk update's functions: eager, torch.compile'd once per process (shapes specialise),
     or the Triton kernels."""
     if backend == "torch":
-        return chunk_forward, chunk_backward
+        return Backend(chunk_forward, chunk_backward, targets_forward, targets_backward)
     if backend == "triton":
-        return _triton_forward, _triton_backward
+        return Backend(_triton_forward, _triton_backward, _triton_targets, _triton_targets_backward)
     if backend != "compiled":
         raise ValueError(f"unknown chunk backend {backend!r}")
     if not _COMPILED:
-        _COMPILED.update(forward=torch.compile(chunk_forward, dynamic=False),
-                         backward=torch.compile(chunk_backward, dynamic=False))
-    return _COMPILED["forward"], _COMPILED["backward"]
+        _COMPILED.append(Backend(*(torch.compile(f, dynamic=False) for f in
+                                   (chunk_forward, chunk_backward, targets_forward, targets_backward))))
+    return _COMPILED[0]
 
 
 # Matmul precision inside the Triton kernels: "tf32" (fast), "tf32x3" (~fp32); "ieee" (exact fp32)
@@ -287,21 +311,21 @@ def _implementation(backend: str):
 TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
 
 
-def _shared_inputs(k, eta, la):
-    """k, eta, la without the lead dims they are broadcast along, and the kernels' (SX, SH).
+def _shared_inputs(*tensors):
+    """The tensors without the lead dims they are all broadcast along, and the kernels' (SX, SH).
 
-    The projection memories share k, eta, alpha: views broadcast along the memory dim. The kernels
-    read one tile per group (triton_chunk._offsets) instead of a copy per memory, if the shared
-    dims are one run (P, SX, SH) of the lead dims; otherwise every memory gets its own copy.
+    The projection memories share k, v, eta, alpha: views broadcast along the memory dim. The
+    kernels read one tile per group (triton_chunk._offsets) instead of a copy per memory, if the
+    shared dims are one run (P, SX, SH) of the lead dims; otherwise every memory gets its own copy.
     """
-    lead = k.shape[:-2]
-    shared = [n > 1 and all(t.stride(i) == 0 for t in (k, eta, la)) for i, n in enumerate(lead)]
+    lead = tensors[0].shape[:-2]  # the first is a [..., C, d] tile
+    shared = [n > 1 and all(t.stride(i) == 0 for t in tensors) for i, n in enumerate(lead)]
     dims = [i for i, is_shared in enumerate(shared) if is_shared]
     if not dims or dims != list(range(dims[0], dims[-1] + 1)):
-        return k.contiguous(), eta.contiguous(), la.contiguous(), 1, 1
+        return (*(t.contiguous() for t in tensors), 1, 1)
     one = tuple(slice(0, 1) if is_shared else slice(None) for is_shared in shared)
-    k, eta, la = (t[one].contiguous() for t in (k, eta, la))
-    return k, eta, la, math.prod(lead[dims[0]:dims[-1] + 1]), math.prod(lead[dims[-1] + 1:])
+    return (*(t[one].contiguous() for t in tensors), math.prod(lead[dims[0]:dims[-1] + 1]),
+            math.prod(lead[dims[-1] + 1:]))
 
 
 def _delta_rule_inverse(k, eta, la):
@@ -359,11 +383,36 @@ def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name,
     return dW1, dW2, dk, dvhat, deta, dla, dq
 
 
+def _triton_targets(W1, W2, v, act_name):
+    from .triton_chunk import targets_fwd_kernel
+    C, d, m = v.shape[-2], v.shape[-1], W1.shape[-1]
+    vhat = torch.empty(*W1.shape[:-2], C, d, dtype=v.dtype, device=v.device)
+    v, SX, SH = _shared_inputs(v)
+    W1, W2 = W1.contiguous(), W2.contiguous()
+    targets_fwd_kernel[(W1.numel() // (d * m),)](W1, W2, v, vhat, SX, SH, C=C, D=d, M=m, PREC=TRITON_PRECISION)
+    return vhat
+
+
+def _triton_targets_backward(W1, W2, v, dvhat, dW1, dW2, act_name):
+    from .triton_chunk import targets_bwd_kernel
+    C, d, m = v.shape[-2], v.shape[-1], W1.shape[-1]
+    dv = torch.empty(*W1.shape[:-2], C, d, dtype=v.dtype, device=v.device)
+    v, SX, SH = _shared_inputs(v)
+    W1, W2 = W1.contiguous(), W2.contiguous()
+    targets_bwd_kernel[(W1.numel() // (d * m),)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m,
+                                                 PREC=TRITON_PRECISION)  # dW1, dW2: updated in place
+    return dv
+
+
 class ChunkUpdate(torch.autograd.Function):
-    """(W1, W2, k, vhat, eta, la, q) -> (W1_new, W2_new, o): saves the inputs only."""
+    """(W1, W2, k, vhat or v, eta, la, q) -> (W1_new, W2_new, o): saves the inputs only.
+
+    With `targets`, the fourth input is v and the values are the self-generated targets
+    vhat = M(v) under the chunk-start state, computed (and in the backward recomputed) inside.
+    """
 
     @staticmethod
-    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, act_name):
+    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, act_name, targets):
         inputs = (W1, W2, k, vhat, eta, la, q)
         ctx.shapes = [None if x is None else x.shape for x in inputs]
         # Broadcast every input to the full batch of memories (views), so that the hand-written
@@ -371,29 +420,37 @@ class ChunkUpdate(torch.autograd.Function):
         tails = (2, 2, 2, 2, 1, 1, 2)  # trailing non-batch dims: matrices, then eta and la [..., C]
         lead = torch.broadcast_shapes(*(x.shape[:x.ndim - t] for x, t in zip(inputs, tails) if x is not None))
         inputs = [None if x is None else x.expand(*lead, *x.shape[x.ndim - t:]) for x, t in zip(inputs, tails)]
-        ctx.dgd, ctx.backend, ctx.act_name = dgd, backend, act_name
-        forward, _ = _implementation(backend)
-        W1n, W2n, o, *kept = forward(*inputs, dgd, act_name)  # the Triton path keeps its UT inverse
+        ctx.dgd, ctx.backend, ctx.act_name, ctx.targets = dgd, backend, act_name, targets
+        impl = _implementation(backend)
+        W1, W2, k, v, eta, la, q = inputs
+        vhat = impl.targets(W1, W2, v, act_name) if targets else v
+        W1n, W2n, o, *kept = impl.forward(W1, W2, k, vhat, eta, la, q, dgd, act_name)  # Triton keeps T
         ctx.save_for_backward(*inputs, *kept)
         return W1n, W2n, o
 
     @staticmethod
     def backward(ctx, dW1n, dW2n, do):
-        W1, W2, k, vhat, eta, la, q, *kept = ctx.saved_tensors
+        W1, W2, k, v, eta, la, q, *kept = ctx.saved_tensors
         if q is not None and do is None:
             do = torch.zeros_like(q)
-        _, backward = _implementation(ctx.backend)
-        grads = backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name, *kept)
+        impl = _implementation(ctx.backend)
+        vhat = impl.targets(W1, W2, v, ctx.act_name) if ctx.targets else v
+        grads = list(impl.backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name, *kept))
+        if ctx.targets:  # grads: dW1, dW2, dk, dvhat, ... -> dv, and the targets' share of dW1, dW2
+            grads[3] = impl.targets_backward(W1, W2, v, grads[3], grads[0], grads[1], ctx.act_name)
         grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", act_name: str = "silu"):
+def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", act_name: str = "silu",
+                       targets: bool = False):
     """One chunk's writes (and read-out if q is given) with a recomputing backward; no momentum.
 
-    Inputs broadcast like memory._chunk_update's (the projection memories share k, eta, alpha);
+    Inputs broadcast like memory._chunk_update's (the projection memories share k, v, eta, alpha);
     gradients are summed back to each input's shape. backend: "torch", "compiled" or "triton"
-    (hope/triton_chunk.py: SiLU, head and memory widths powers of two >= 16).
+    (hope/triton_chunk.py: SiLU, head and memory widths powers of two >= 16). targets=True: the
+    fourth input is v, and the values written are the self-generated targets M(v) at the
+    chunk-start state (memory_forward), computed inside the op rather than by autograd around it.
     """
     C = k.shape[-2]
     padded = max(16, 1 << (C - 1).bit_length()) if backend == "triton" else C
@@ -402,5 +459,5 @@ def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: 
         pad = padded - C
         k, vhat, eta, la = F.pad(k, (0, 0, 0, pad)), F.pad(vhat, (0, 0, 0, pad)), F.pad(eta, (0, pad)), F.pad(la, (0, pad))
         q = None if q is None else F.pad(q, (0, 0, 0, pad))
-    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name)
+    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name, targets)
     return W1n, W2n, (None if o is None else o[..., :C, :])

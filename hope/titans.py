@@ -93,12 +93,15 @@ class SelfModifyingTitans(nn.Module):
         """The chunk-update implementation for this input: config.memory_kernel, 'auto' resolved."""
         return self.config.resolved_memory_kernel(x.is_cuda, torch.is_grad_enabled())
 
-    def _update(self, kernel: str, state: MemoryState, k, vhat, eta, log_alpha, log_mu, q=None):
-        """One chunk's writes (and read-out with q): the reference closed form or the fused op."""
+    def _update(self, kernel: str, state: MemoryState, k, v, eta, log_alpha, log_mu, q=None):
+        """One chunk's writes of values v (and read-out with q): the reference closed form, with the
+        targets computed around it, or the fused op, which computes them inside."""
         if kernel == "reference":
+            vhat = self._targets(v, state)
             return chunk_update(state, k, vhat, eta, log_alpha, log_mu, self.act, self.config.dgd, q=q)
-        W1, W2, o = fused_chunk_update(state.W1, state.W2, k, vhat, eta, log_alpha, q, dgd=self.config.dgd,
-                                       backend=kernel, act_name=self.config.memory_activation)
+        W1, W2, o = fused_chunk_update(state.W1, state.W2, k, v, eta, log_alpha, q, dgd=self.config.dgd,
+                                       backend=kernel, act_name=self.config.memory_activation,
+                                       targets=self.config.self_generated_targets)
         return MemoryState(W1, W2), o
 
     def _readouts(self, z: dict[str, torch.Tensor]):
@@ -182,9 +185,8 @@ class SelfModifyingTitans(nn.Module):
                 outs[name].append(t)
             if self.adaptive:
                 proj_start = proj_state
-                vhat = self._targets(v.unsqueeze(1), proj_state)
                 lmu = None if mu_log is None else mu_chunks[i][:, None]
-                proj_state, _ = self._update(kernel, proj_state, k.unsqueeze(1), vhat, eta.unsqueeze(1),
+                proj_state, _ = self._update(kernel, proj_state, k.unsqueeze(1), v.unsqueeze(1), eta.unsqueeze(1),
                                              log_alpha.unsqueeze(1), lmu)
                 proj_pos = e - s
         k, v, q, eta, log_alpha = (torch.cat(outs[n], dim=2) for n in ("k", "v", "q", "eta", "log_alpha"))
@@ -199,8 +201,7 @@ class SelfModifyingTitans(nn.Module):
             e = min(s + Cm, T)
             c = {name: chunks_of[i] for name, chunks_of in split.items()}
             main_start = state
-            vhat = self._targets(c["v"], state)
-            state, o = self._update(kernel, state, c["k"], vhat, c["eta"], c["log_alpha"], c.get("mu"), q=c["q"])
+            state, o = self._update(kernel, state, c["k"], c["v"], c["eta"], c["log_alpha"], c.get("mu"), q=c["q"])
             chunks.append(o.squeeze(1))
             main_pos = e - s
         o = torch.cat(chunks, dim=2).to(x.dtype)

@@ -122,6 +122,34 @@ def delta_rule_inverse_kernel(K, ETA, LA, TI, C: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
+def targets_fwd_kernel(W1, W2, V, VH, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Self-generated targets vhat = v + silu(v W2^T) W1^T of one memory at its chunk-start state."""
+    n = tl.program_id(0).to(tl.int64)
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+    v = tl.load(V + kcd)
+    av = _dot(v, tl.trans(tl.load(W2 + md)), PREC)
+    tl.store(VH + cd, v + _dot(av * tl.sigmoid(av), tl.trans(tl.load(W1 + dm)), PREC))
+
+
+@triton.jit
+def targets_bwd_kernel(W1, W2, V, DVH, DW1, DW2, DV, SX, SH, C: tl.constexpr, D: tl.constexpr,
+                       M: tl.constexpr, PREC: tl.constexpr):
+    """The targets' adjoint: dv, and their share added to dW1, dW2 in place."""
+    n = tl.program_id(0).to(tl.int64)
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+    v = tl.load(V + kcd)
+    w2 = tl.load(W2 + md)
+    dvh = tl.load(DVH + cd)
+    av = _dot(v, tl.trans(w2), PREC)
+    sig = tl.sigmoid(av)
+    tl.store(DW1 + dm, tl.load(DW1 + dm) + _dot(tl.trans(dvh), av * sig, PREC))
+    dav = _dot(dvh, tl.load(W1 + dm), PREC) * (sig * (1 + av * (1 - sig)))
+    tl.store(DW2 + md, tl.load(DW2 + md) + _dot(tl.trans(dav), v, PREC))
+    tl.store(DV + cd, dvh + _dot(dav, w2, PREC))
+
+
+@triton.jit
 def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
                      SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                      DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):

@@ -11,7 +11,7 @@ import torch
 
 from hope import HopeConfig, HopeForCausalLM  # TRITON_INTERPRET without CUDA: tests/conftest.py
 from hope.chunk_grad import fused_chunk_update, unit_lower_inverse
-from hope.memory import MemoryState, _chunk_update, activation
+from hope.memory import MemoryState, _chunk_update, activation, memory_forward
 from hope.reference import reference_forward
 from test_hope_model import VARIANTS, rel_err, tiny_layer
 
@@ -54,8 +54,15 @@ def closed_form(act_name, dgd):
     return run
 
 
-def fused(backend, dgd, act_name="silu"):
-    return lambda *xs: fused_chunk_update(*xs, dgd=dgd, backend=backend, act_name=act_name)
+def fused(backend, dgd, act_name="silu", targets=False):
+    return lambda *xs: fused_chunk_update(*xs, dgd=dgd, backend=backend, act_name=act_name, targets=targets)
+
+
+def with_targets(fn, act_name="silu"):
+    """fn over values v: the self-generated targets M(v) at the chunk-start state, by autograd."""
+    def run(W1, W2, k, v, eta, la, q):
+        return fn(W1, W2, k, memory_forward(v, W1, W2, activation(act_name)[0]), eta, la, q)
+    return run
 
 
 @pytest.mark.parametrize("act_name", ["silu", "gelu", "tanh"])
@@ -77,6 +84,19 @@ def test_manual_backward_handles_broadcast_gates():
     out, grad = outputs_and_grads(fused("torch", True), inputs, False)
     assert [g.shape for g in grad] == [t.shape for t in inputs[:6]]
     assert worst(out, ref_out) < 1e-12 and worst(grad, ref_grad) < 1e-12
+
+
+@pytest.mark.parametrize("act_name", ["silu", "gelu"])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_targets_inside_the_op_equal_autograd_float64(act_name, with_q):
+    """targets=True: the op computes vhat = M(v) itself, forward and backward; v shared by the
+    memories as in the projection pass (broadcast), or per memory."""
+    W1, W2, k, v, eta, la, q = chunk_inputs((2, 3), 7, 5, 6, dtype=torch.float64)
+    for inputs in ([W1, W2, k, v, eta, la, q], [W1, W2, k[:, :1], v[:, :1], eta[:, :1], la[:, :1], q]):
+        ref_out, ref_grad = outputs_and_grads(with_targets(closed_form(act_name, True), act_name), inputs, with_q)
+        out, grad = outputs_and_grads(fused("torch", True, act_name, targets=True), inputs, with_q)
+        assert [g.shape for g in grad[:6]] == [t.shape for t in inputs[:6]]
+        assert worst(out, ref_out) < 1e-12 and worst(grad, ref_grad) < 1e-12
 
 
 @pytest.mark.parametrize("C", [1, 5, 16, 64])
@@ -189,19 +209,20 @@ def test_triton_delta_rule_inverse_equals_pytorch(C, d):
 
 
 @needs_triton
-@pytest.mark.parametrize("with_q", [False, True])
-def test_triton_kernels_handle_shared_keys_and_gates(with_q):
-    """The projection pass: memories [batch, 5, heads] share k, eta, alpha (broadcast along the
-    memory dim). The kernels read one copy per (batch, head) and T is computed once for the 5."""
+@pytest.mark.parametrize("with_q,targets", [(False, False), (True, False), (False, True), (True, True)])
+def test_triton_kernels_handle_shared_keys_and_gates(with_q, targets):
+    """The projection pass: memories [batch, 5, heads] share k, v, eta, alpha (broadcast along the
+    memory dim). The kernels read one copy per (batch, head) and T is computed once for the 5;
+    with targets, the values written are M(v) per memory, computed by the targets kernels."""
     from hope.chunk_grad import _shared_inputs
     device = "cuda" if CUDA else "cpu"
-    W1, W2, k, vhat, eta, la, q = chunk_inputs((2, 5, 3), 16, 16, 16, device=device)
-    inputs = [W1, W2, k[:, :1], vhat, eta[:, :1], la[:, :1], q]
+    W1, W2, k, v, eta, la, q = chunk_inputs((2, 5, 3), 16, 16, 16, device=device)
+    inputs = [W1, W2, k[:, :1], v[:, :1] if targets else v, eta[:, :1], la[:, :1], q]
     lead = (2, 5, 3)
     *_, SX, SH = _shared_inputs(*(t.expand(*lead, *t.shape[3:]) for t in (k[:, :1], eta[:, :1], la[:, :1])))
     assert (SX, SH) == (5, 3)
-    ref_out, ref_grad = outputs_and_grads(fused("torch", True), inputs, with_q)
-    out, grad = outputs_and_grads(fused("triton", True), inputs, with_q)
+    ref_out, ref_grad = outputs_and_grads(fused("torch", True, targets=targets), inputs, with_q)
+    out, grad = outputs_and_grads(fused("triton", True, targets=targets), inputs, with_q)
     assert [g.shape for g in grad[:6]] == [t.shape for t in inputs[:6]]
     tol = 1e-5 if not CUDA else 3e-2
     assert worst(out, ref_out) < tol and worst(grad, ref_grad) < tol
@@ -220,10 +241,10 @@ def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
     device = "cuda" if CUDA else "cpu"
     main = bench.inputs((2, 3), 16, 16, 16, device, with_q=True)
     projection = bench.inputs((2, 5, 3), 16, 16, 16, device, with_q=False, shared_dim=1)
-    aten, kernels = bench.count_launches(fused("triton", True), main)
-    assert kernels == 5 and aten <= 4, (aten, kernels)  # inverse, forward, 3 backward kernels
-    aten, kernels = bench.count_launches(fused("triton", True), projection)
-    assert kernels == 3 and aten <= 6, (aten, kernels)  # no read-out: inverse, forward, one backward
+    aten, kernels = bench.count_launches(fused("triton", True, targets=True), main)
+    assert kernels == 8 and aten <= 4, (aten, kernels)  # targets x2, inverse, forward; 3 backward, targets'
+    aten, kernels = bench.count_launches(fused("triton", True, targets=True), projection)
+    assert kernels == 6 and aten <= 6, (aten, kernels)  # no read-out: 2 backward kernels fewer
     aten, kernels = bench.count_launches(fused("torch", True), main)
     assert kernels == 0 and aten > 100, aten  # the counter sees PyTorch ops
 
@@ -283,7 +304,7 @@ def test_triton_kernels_fit_the_h100_shared_memory():
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "shared" in line]
-    assert len(lines) == 5, out.stdout
+    assert len(lines) == 7, out.stdout
     assert all(" fits " in line for line in lines), out.stdout
 
 

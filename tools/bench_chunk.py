@@ -30,20 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hope import HopeConfig  # noqa: E402
 from hope import chunk_grad  # noqa: E402
-from hope.memory import MemoryState, _chunk_update, activation  # noqa: E402
+from hope.memory import MemoryState, _chunk_update, activation, memory_forward  # noqa: E402
 
 
 def inputs(lead, C, d, m, device, with_q, shared_dim=None):
-    """Random chunk inputs; k, eta, alpha of size 1 along `shared_dim` (the projection memories')."""
+    """Random chunk inputs; k, v, eta, alpha of size 1 along `shared_dim` (the projection memories')."""
     W1, W2 = 0.02 * torch.randn(*lead, d, m, device=device), torch.randn(*lead, m, d, device=device) / d ** 0.5
     kl = list(lead)
     if shared_dim is not None:
         kl[shared_dim] = 1
     k = torch.nn.functional.normalize(torch.randn(*kl, C, d, device=device), dim=-1)
-    vhat = torch.randn(*lead, C, d, device=device)
+    v = torch.randn(*kl, C, d, device=device)
     eta, la = 0.1 * torch.rand(*kl, C, device=device), -0.02 * torch.rand(*kl, C, device=device)
     q = torch.randn(*lead, C, d, device=device) if with_q else None
-    xs = [t.requires_grad_(True) for t in (W1, W2, k, vhat, eta, la)]
+    xs = [t.requires_grad_(True) for t in (W1, W2, k, v, eta, la)]
     return xs + [None if q is None else q.requires_grad_(True)]
 
 
@@ -139,12 +139,15 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} | torch {torch.__version__} | "
           f"{args.size}: C={C} d={d} m={m} | batch {args.batch}")
 
-    def reference(W1, W2, k, vhat, eta, la, q):
+    targets = cfg.self_generated_targets  # the values written are M(v), as in the model
+
+    def reference(W1, W2, k, v, eta, la, q):
+        vhat = memory_forward(v, W1, W2, act[0]) if targets else v
         state, o = _chunk_update(MemoryState(W1, W2), k, vhat, eta, la, None, act, cfg.dgd, q=q)
         return state.W1, state.W2, o
 
     def fused(backend):
-        return lambda *xs: chunk_grad.fused_chunk_update(*xs, dgd=cfg.dgd, backend=backend)
+        return lambda *xs: chunk_grad.fused_chunk_update(*xs, dgd=cfg.dgd, backend=backend, targets=targets)
 
     for label, lead, with_q, shared in (("projection pass", (args.batch, len(cfg.adaptive), H), False, 1),
                                         ("main memory + read-out", (args.batch, H), True, None)):

@@ -21,6 +21,8 @@ from hope import triton_chunk  # noqa: E402
 
 KERNELS = {  # kernel name -> number of leading pointer arguments
     "delta_rule_inverse_kernel": 4,
+    "targets_fwd_kernel": 4,
+    "targets_bwd_kernel": 7,
     "chunk_fwd_kernel": 11,
     "chunk_bwd_readout1_kernel": 15,
     "chunk_bwd_readout2_kernel": 17,
