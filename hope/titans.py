@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PROJECTION_MEMORIES, HopeConfig
-from .layers import CausalDepthwiseConv, RMSNorm
+from .layers import CausalDepthwiseConv, RMSNorm, unit_rows
 from .chunk_grad import fused_chunk_update
 from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
 
@@ -36,6 +36,10 @@ class SelfModifyingTitans(nn.Module):
         D, H, d, m = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
         self.num_heads, self.head_dim = H, d
         self.adaptive = [name for name in PROJECTION_MEMORIES if name in config.adaptive]
+        # The read-outs normalise k, q (and v). When they are adjacent memories, one call does all.
+        self.unit_names = ("k", "v", "q") if config.normalize_v else ("k", "q")
+        where = sorted(self.adaptive.index(n) for n in self.unit_names if n in self.adaptive)
+        self.unit_run = (where[0], where[-1] + 1) if len(where) > 1 and where[-1] - where[0] == len(where) - 1 else None
         self.act = activation(config.memory_activation)
 
         # Static input projections (one per projection memory) and the convs on q, k, v.
@@ -104,16 +108,17 @@ class SelfModifyingTitans(nn.Module):
                                        targets=self.config.self_generated_targets)
         return MemoryState(W1, W2), o
 
-    def _readouts(self, z: dict[str, torch.Tensor]):
-        """k, v, q, eta, log_alpha from the projection outputs z [B, H, T, d] (or [B, H, d])."""
-        k = F.normalize(z["k"], dim=-1)
-        q = F.normalize(z["q"], dim=-1)
+    def _readouts(self, z: dict[str, torch.Tensor], unit: tuple[str, ...] = ()):
+        """k, v, q, eta, log_alpha from the projection outputs z [B, H, T, d] (or [B, H, d]);
+        the names in `unit` are normalised already."""
+        k = z["k"] if "k" in unit else unit_rows(z["k"])
+        q = z["q"] if "q" in unit else unit_rows(z["q"])
         eta = self.config.eta_max * torch.sigmoid((z["eta"] * self.eta_readout[:, None]).sum(-1) + self.eta_bias[:, None])
         if self.config.decay:
             log_alpha = F.logsigmoid((z["alpha"] * self.alpha_readout[:, None]).sum(-1) + self.alpha_bias[:, None])
         else:
             log_alpha = torch.zeros_like(eta)
-        v = F.normalize(z["v"], dim=-1) if self.config.normalize_v else z["v"]
+        v = unit_rows(z["v"]) if self.config.normalize_v and "v" not in unit else z["v"]
         return k, v, q, eta, log_alpha
 
     def _targets(self, v: torch.Tensor, state: MemoryState) -> torch.Tensor:
@@ -172,15 +177,20 @@ class SelfModifyingTitans(nn.Module):
         Cp = cfg.projection_chunk_size
         proj_start, proj_pos = proj_state, 0
         z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
+        stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3) if self.adaptive else None
         mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
         for i, s in enumerate(range(0, T, Cp)):
             e = min(s + Cp, T)
             zc = {name: z_chunks[name][i] for name in PROJECTION_MEMORIES}
+            unit = ()
             if self.adaptive:
-                stacked = torch.stack([zc[n] for n in self.adaptive], dim=1)  # [B, X, H, C, d]
-                read = memory_forward(stacked, proj_state.W1, proj_state.W2, self.act[0])
+                read = memory_forward(stacked[i], proj_state.W1, proj_state.W2, self.act[0])  # [B, X, H, C, d]
                 zc.update(zip(self.adaptive, read.unbind(1)))  # unbind: one backward op, not one per memory
-            k, v, q, eta, log_alpha = self._readouts(zc)
+                if self.unit_run:
+                    i0, i1 = self.unit_run
+                    unit = self.adaptive[i0:i1]
+                    zc.update(zip(unit, unit_rows(read[:, i0:i1]).unbind(1)))
+            k, v, q, eta, log_alpha = self._readouts(zc, unit)
             for name, t in zip(("k", "v", "q", "eta", "log_alpha"), (k, v, q, eta, log_alpha)):
                 outs[name].append(t)
             if self.adaptive:

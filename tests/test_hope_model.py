@@ -215,3 +215,18 @@ def test_repeated_tokens_stay_finite_at_initialisation():
     with torch.no_grad():
         for ids in (torch.full((2, 256), 7), torch.arange(4).repeat(2, 64)):
             assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_unit_rows_equals_f_normalize_forward_and_backward():
+    from hope.layers import unit_rows
+    x = torch.randn(3, 4, 7, 16, dtype=torch.float64)
+    x[0, 0, 0] = 0.0  # a zero row: clamped by eps, as in F.normalize
+    x[0, 0, 1] = 1e-14
+    dy = torch.randn_like(x)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    torch.nn.functional.normalize(a, dim=-1).backward(dy)
+    unit_rows(b).backward(dy)
+    assert torch.allclose(unit_rows(x), torch.nn.functional.normalize(x, dim=-1), atol=1e-15)
+    assert torch.allclose(b.grad, a.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(unit_rows, (torch.randn(2, 5, dtype=torch.float64, requires_grad=True),))
