@@ -185,11 +185,11 @@ class SelfModifyingTitans(nn.Module):
             unit = ()
             if self.adaptive:
                 read = memory_forward(stacked[i], proj_state.W1, proj_state.W2, self.act[0])  # [B, X, H, C, d]
-                zc.update(zip(self.adaptive, read.unbind(1)))  # unbind: one backward op, not one per memory
-                if self.unit_run:
-                    i0, i1 = self.unit_run
-                    unit = self.adaptive[i0:i1]
-                    zc.update(zip(unit, unit_rows(read[:, i0:i1]).unbind(1)))
+                i0, i1 = self.unit_run or (0, 0)
+                before, run, after = read.split([i0, i1 - i0, len(self.adaptive) - i1], dim=1)  # backward: one cat
+                unit = self.adaptive[i0:i1]
+                reads = [*before.unbind(1), *(unit_rows(run).unbind(1) if unit else ()), *after.unbind(1)]
+                zc.update(zip(self.adaptive, reads))
             k, v, q, eta, log_alpha = self._readouts(zc, unit)
             for name, t in zip(("k", "v", "q", "eta", "log_alpha"), (k, v, q, eta, log_alpha)):
                 outs[name].append(t)
