@@ -37,8 +37,8 @@ class SelfModifyingTitans(nn.Module):
         self.num_heads, self.head_dim = H, d
         self.adaptive = [name for name in PROJECTION_MEMORIES if name in config.adaptive]
         # The read-outs normalise k, q (and v). When they are adjacent memories, one call does all.
-        self.unit_names = ("k", "v", "q") if config.normalize_v else ("k", "q")
-        where = sorted(self.adaptive.index(n) for n in self.unit_names if n in self.adaptive)
+        unit_names = ("k", "v", "q") if config.normalize_v else ("k", "q")
+        where = sorted(self.adaptive.index(n) for n in unit_names if n in self.adaptive)
         self.unit_run = (where[0], where[-1] + 1) if len(where) > 1 and where[-1] - where[0] == len(where) - 1 else None
         self.act = activation(config.memory_activation)
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
+from train.distributed import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "train.sh"
@@ -127,9 +128,7 @@ def assert_same_steps(run: dict[int, dict], reference: dict[int, dict], toleranc
 @pytest.fixture(scope="module")
 def reference(workdir) -> tuple[Path, dict[int, dict], str]:
     run_dir = workdir / "reference"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(_free_port())
     rc, output = run(workdir, run_dir, env={"MASTER_PORT": port})
     assert rc == 0, output[-3000:]
     # DeepSpeed's CPU all-reduce maps 64 MiB per rank in /dev/shm and never unlinks it; left

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project, and bench_model when imported by a test
 from bench_model import device_name, parse_overrides, sync  # noqa: E402
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
-from train.distributed import start_process_group  # noqa: E402
+from train.distributed import init_world  # noqa: E402
 from train.metrics import device_peak_flops  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "model"
@@ -67,18 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = args.sizes.split(",")
     args.seqs = [int(s) for s in args.seqs.split(",")]
     return args
-
-
-def start_world(device: torch.device) -> None:
-    """A world of one process: DeepSpeed's ZeRO optimizer needs an initialised process group."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    start_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def ds_config(micro_batch: int, device: torch.device) -> dict:
@@ -215,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-engine INFO lines would bury the results
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 memory math may use TF32 tensor cores
-    start_world(device)
+    init_world(device)  # a world of one: DeepSpeed's ZeRO optimizer needs a process group
     command = "python tools/bench_throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"device": device_name(device), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,

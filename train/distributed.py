@@ -52,17 +52,18 @@ def start_process_group(backend: str, **kwargs) -> None:
         (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def init_world() -> World:
-    """Start (or join) the process group and pick this rank's device."""
+def init_world(device: torch.device | None = None) -> World:
+    """Start (or join) the process group and pick this rank's device (CUDA when there is one,
+    unless `device` says otherwise)."""
     if "RANK" not in os.environ:  # a plain single-process run
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
         # Ranks sharing a CPU must not each spread over every core: they would fight for them.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:
