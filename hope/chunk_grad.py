@@ -404,6 +404,22 @@ def _triton_targets_backward(W1, W2, v, dvhat, dW1, dW2, act_name):
     return dv
 
 
+def write_forward(impl: Backend, W1, W2, k, v, eta, la, q, dgd, act_name, targets):
+    """(W1_new, W2_new, o, kept) of one chunk's writes; `kept` is what the backward reuses."""
+    vhat = impl.targets(W1, W2, v, act_name) if targets else v
+    W1n, W2n, o, *kept = impl.forward(W1, W2, k, vhat, eta, la, q, dgd, act_name)  # Triton keeps T
+    return W1n, W2n, o, kept
+
+
+def write_backward(impl: Backend, W1, W2, k, v, eta, la, q, kept, dW1n, dW2n, do, dgd, act_name, targets):
+    """[dW1, dW2, dk, dv, deta, dla, dq] of write_forward, per memory (inputs broadcast to all)."""
+    vhat = impl.targets(W1, W2, v, act_name) if targets else v
+    grads = list(impl.backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name, *kept))
+    if targets:  # grads: dW1, dW2, dk, dvhat, ... -> dv, and the targets' share of dW1, dW2
+        grads[3] = impl.targets_backward(W1, W2, v, grads[3], grads[0], grads[1], act_name)
+    return grads
+
+
 class ChunkUpdate(torch.autograd.Function):
     """(W1, W2, k, vhat or v, eta, la, q) -> (W1_new, W2_new, o): saves the inputs only.
 
@@ -421,10 +437,7 @@ class ChunkUpdate(torch.autograd.Function):
         lead = torch.broadcast_shapes(*(x.shape[:x.ndim - t] for x, t in zip(inputs, tails) if x is not None))
         inputs = [None if x is None else x.expand(*lead, *x.shape[x.ndim - t:]) for x, t in zip(inputs, tails)]
         ctx.dgd, ctx.backend, ctx.act_name, ctx.targets = dgd, backend, act_name, targets
-        impl = _implementation(backend)
-        W1, W2, k, v, eta, la, q = inputs
-        vhat = impl.targets(W1, W2, v, act_name) if targets else v
-        W1n, W2n, o, *kept = impl.forward(W1, W2, k, vhat, eta, la, q, dgd, act_name)  # Triton keeps T
+        W1n, W2n, o, kept = write_forward(_implementation(backend), *inputs, dgd, act_name, targets)
         ctx.save_for_backward(*inputs, *kept)
         return W1n, W2n, o
 
@@ -433,13 +446,15 @@ class ChunkUpdate(torch.autograd.Function):
         W1, W2, k, v, eta, la, q, *kept = ctx.saved_tensors
         if q is not None and do is None:
             do = torch.zeros_like(q)
-        impl = _implementation(ctx.backend)
-        vhat = impl.targets(W1, W2, v, ctx.act_name) if ctx.targets else v
-        grads = list(impl.backward(W1, W2, k, vhat, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name, *kept))
-        if ctx.targets:  # grads: dW1, dW2, dk, dvhat, ... -> dv, and the targets' share of dW1, dW2
-            grads[3] = impl.targets_backward(W1, W2, v, grads[3], grads[0], grads[1], ctx.act_name)
+        grads = write_backward(_implementation(ctx.backend), W1, W2, k, v, eta, la, q, kept, dW1n, dW2n, do,
+                               ctx.dgd, ctx.act_name, ctx.targets)
         grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
         return (*grads, None, None, None, None)
+
+
+def padded_length(C: int, backend: str) -> int:
+    """The chunk length the backend runs: tl.dot wants power-of-two sides >= 16."""
+    return max(16, 1 << (C - 1).bit_length()) if backend == "triton" else C
 
 
 def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", act_name: str = "silu",
@@ -453,7 +468,7 @@ def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: 
     chunk-start state (memory_forward), computed inside the op rather than by autograd around it.
     """
     C = k.shape[-2]
-    padded = max(16, 1 << (C - 1).bit_length()) if backend == "triton" else C
+    padded = padded_length(C, backend)
     if padded != C:  # tl.dot wants power-of-two sides >= 16. Tokens with eta = 0 and alpha = 1 write
         # nothing and later tokens never affect earlier ones, so zero padding at the end is exact.
         pad = padded - C

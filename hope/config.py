@@ -19,10 +19,11 @@ from transformers import PretrainedConfig
 
 PROJECTION_MEMORIES = ("k", "v", "q", "eta", "alpha")
 # How the chunk update runs: "reference" = autograd through hope/memory.py (stores every chunk's
-# intermediates); "torch" = hope/chunk_grad.py (saves inputs, recomputes in the backward);
-# "compiled" = the same under torch.compile; "triton" = hope/triton_chunk.py (experimental: proven
-# under Triton's interpreter, not yet timed on a GPU); "auto" = compiled when training on CUDA
-# without inner momentum, else reference.
+# intermediates); "torch" = hope/chunk_grad.py (saves inputs, recomputes in the backward), with
+# each projection chunk one op (hope/projection_step.py); "compiled" = the same under torch.compile;
+# "triton" = hope/triton_chunk.py and hope/triton_projection.py (experimental: proven under Triton's
+# interpreter, not yet timed on a GPU); "auto" = compiled when training on CUDA without inner
+# momentum, else reference.
 MEMORY_KERNELS = ("auto", "reference", "torch", "compiled", "triton")
 MIXERS = ("titans", "attention")
 ACTIVATIONS = ("silu", "gelu", "tanh")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .config import PROJECTION_MEMORIES, HopeConfig
 from .layers import CausalDepthwiseConv, RMSNorm, unit_rows
 from .chunk_grad import fused_chunk_update
+from .projection_step import ReadSpec, projection_step
 from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
 
 CONV_INPUTS = ("k", "v", "q")  # Titans: a causal depthwise conv after the q, k, v projections
@@ -127,6 +128,16 @@ class SelfModifyingTitans(nn.Module):
             return memory_forward(v, state.W1, state.W2, self.act[0])
         return v.expand(*state.W1.shape[:-2], *v.shape[-2:])
 
+    def _read_spec(self) -> ReadSpec:
+        cfg = self.config
+        return ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets,
+                        cfg.memory_activation)
+
+    def _readout_table(self, dtype) -> torch.Tensor:
+        """The eta and alpha read-outs as one [2, H, d + 1] tensor of weights and biases."""
+        return torch.stack([torch.cat([w, b[:, None]], dim=-1) for w, b in
+                            ((self.eta_readout, self.eta_bias), (self.alpha_readout, self.alpha_bias))]).to(dtype)
+
     def _inputs(self, x: torch.Tensor, conv_state: dict | None):
         z = {}
         for name in PROJECTION_MEMORIES:
@@ -144,6 +155,19 @@ class SelfModifyingTitans(nn.Module):
         if self.gate_proj is not None:
             o = o * F.silu(self.gate_proj(x))
         return self.o_proj(o)
+
+    def _projection_chunk(self, kernel: str, stacked, zc: dict, state: MemoryState, log_mu):
+        """One projection chunk op by op: the adaptive memories' reads of `stacked` [B, X, H, C, d],
+        the read-outs (static ones from zc), then the writes. ((k, v, q, eta, log_alpha), new state)."""
+        read = memory_forward(stacked, state.W1, state.W2, self.act[0])  # [B, X, H, C, d]
+        i0, i1 = self.unit_run or (0, 0)
+        before, run, after = read.split([i0, i1 - i0, len(self.adaptive) - i1], dim=1)  # backward: one cat
+        unit = self.adaptive[i0:i1]
+        reads = [*before.unbind(1), *(unit_rows(run).unbind(1) if unit else ()), *after.unbind(1)]
+        k, v, q, eta, log_alpha = self._readouts({**zc, **dict(zip(self.adaptive, reads))}, unit)
+        state, _ = self._update(kernel, state, k.unsqueeze(1), v.unsqueeze(1), eta.unsqueeze(1),
+                                log_alpha.unsqueeze(1), log_mu)
+        return (k, v, q, eta, log_alpha), state
 
     @staticmethod
     def _chunks(t: torch.Tensor, C: int) -> tuple[torch.Tensor, ...]:
@@ -169,51 +193,51 @@ class SelfModifyingTitans(nn.Module):
         z = {n: t.to(dtype) for n, t in self._inputs(x, conv_state).items()}
         mu_log = F.logsigmoid(self.momentum_proj(x).to(dtype) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
 
+        # Pass 1: the projection memories, chunk by chunk: k, v, q, eta, log alpha of each chunk.
         # Inputs are split into chunks once, up front: split's backward is one concatenation, where
         # per-chunk slicing would build a full-length zero gradient per chunk and add them up.
-        # Pass 1: projection memories, chunk by chunk.
-        proj_state = self._initial_state(self.adaptive, B, dtype) if self.adaptive else None
-        outs = {name: [] for name in ("k", "v", "q", "eta", "log_alpha")}
-        Cp = cfg.projection_chunk_size
-        proj_start, proj_pos = proj_state, 0
-        z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
-        stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3) if self.adaptive else None
-        mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
-        for i, s in enumerate(range(0, T, Cp)):
-            e = min(s + Cp, T)
-            zc = {name: z_chunks[name][i] for name in PROJECTION_MEMORIES}
-            unit = ()
-            if self.adaptive:
-                read = memory_forward(stacked[i], proj_state.W1, proj_state.W2, self.act[0])  # [B, X, H, C, d]
-                i0, i1 = self.unit_run or (0, 0)
-                before, run, after = read.split([i0, i1 - i0, len(self.adaptive) - i1], dim=1)  # backward: one cat
-                unit = self.adaptive[i0:i1]
-                reads = [*before.unbind(1), *(unit_rows(run).unbind(1) if unit else ()), *after.unbind(1)]
-                zc.update(zip(self.adaptive, reads))
-            k, v, q, eta, log_alpha = self._readouts(zc, unit)
-            for name, t in zip(("k", "v", "q", "eta", "log_alpha"), (k, v, q, eta, log_alpha)):
-                outs[name].append(t)
-            if self.adaptive:
+        Cp, Cm = cfg.projection_chunk_size, cfg.chunk_size
+        proj_state = proj_start = self._initial_state(self.adaptive, B, dtype) if self.adaptive else None
+        proj_pos, per_chunk = 0, None
+        if not self.adaptive:  # static projections: read out once, for the whole sequence
+            k, v, q, eta, log_alpha = self._readouts(z)
+        else:
+            per_chunk = []
+            stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3)
+            z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
+            mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
+            # All five adaptive (HOPE's configs): one fused op per chunk (hope/projection_step.py).
+            fused = kernel != "reference" and self.adaptive == list(PROJECTION_MEMORIES)
+            readout = self._readout_table(dtype) if fused else None
+            for i, zc in enumerate(stacked):
                 proj_start = proj_state
-                lmu = None if mu_log is None else mu_chunks[i][:, None]
-                proj_state, _ = self._update(kernel, proj_state, k.unsqueeze(1), v.unsqueeze(1), eta.unsqueeze(1),
-                                             log_alpha.unsqueeze(1), lmu)
-                proj_pos = e - s
-        k, v, q, eta, log_alpha = (torch.cat(outs[n], dim=2) for n in ("k", "v", "q", "eta", "log_alpha"))
+                if fused:
+                    W1, W2, *five = projection_step(zc, proj_state.W1, proj_state.W2, readout, self._read_spec(), kernel)
+                    proj_state = MemoryState(W1, W2)
+                else:
+                    five, proj_state = self._projection_chunk(kernel, zc, {n: t[i] for n, t in z_chunks.items()},
+                                                              proj_state, None if mu_chunks is None else mu_chunks[i][:, None])
+                per_chunk.append(five)
+                proj_pos = zc.shape[3]
 
         # Pass 2: the main memory, chunk by chunk, reading after each token's write.
+        names = ("k", "v", "q", "eta", "log_alpha")
+        if per_chunk is not None and Cp == Cm:  # the projection chunks are the main chunks
+            split = {name: [five[j].unsqueeze(1) for five in per_chunk] for j, name in enumerate(names)}
+        else:
+            if per_chunk is not None:
+                k, v, q, eta, log_alpha = (torch.cat(parts, dim=2) for parts in zip(*per_chunk))
+            split = {name: self._chunks(t, Cm) for name, t in zip(names, (k, v, q, eta, log_alpha))}
+        if mu_log is not None:
+            split["mu"] = self._chunks(mu_log, Cm)
         state = self._initial_state(["memory"], B, dtype)
-        Cm, chunks = cfg.chunk_size, []
-        main_start, main_pos = state, 0
-        split = {name: self._chunks(t, Cm) for name, t in
-                 (("k", k), ("v", v), ("q", q), ("eta", eta), ("log_alpha", log_alpha), ("mu", mu_log)) if t is not None}
+        chunks, main_start, main_pos = [], state, 0
         for i, s in enumerate(range(0, T, Cm)):
-            e = min(s + Cm, T)
             c = {name: chunks_of[i] for name, chunks_of in split.items()}
             main_start = state
             state, o = self._update(kernel, state, c["k"], c["v"], c["eta"], c["log_alpha"], c.get("mu"), q=c["q"])
             chunks.append(o.squeeze(1))
-            main_pos = e - s
+            main_pos = min(s + Cm, T) - s
         o = torch.cat(chunks, dim=2).to(x.dtype)
 
         if cache is not None:  # hand the decoding state over: chunk-start and current states

@@ -16,6 +16,7 @@ kernels do not pass through the dispatcher).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -83,26 +84,33 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def count_launches(fn, xs) -> tuple[int, int]:
-    from hope import triton_chunk
-    kernels = [getattr(triton_chunk, n) for n in dir(triton_chunk) if n.endswith("_kernel")]
-    with LaunchCounter() as counter:
+    from hope import triton_chunk, triton_projection
+    kernels = [getattr(module, n) for module in (triton_chunk, triton_projection) for n in dir(module)
+               if n.endswith("_kernel")]
+    counter = LaunchCounter()
+    for kernel in kernels:
+        kernel.run = counter.triton_kernel(type(kernel).run.__get__(kernel))
+    try:
+        with counter:
+            outs = [o for o in fn(*xs) if o is not None]
+        if not xs:  # a model: backward into its parameters
+            xs, outs = None, [sum(o.sum() for o in outs)]
+        ones = [torch.ones_like(o) for o in outs]  # the upstream gradients are not the op's launches
+        with counter:
+            torch.autograd.backward(outs, ones, inputs=None if xs is None else [x for x in xs if x is not None])
+    finally:
         for kernel in kernels:
-            kernel.run = counter.triton_kernel(type(kernel).run.__get__(kernel))
-        try:
-            fwd_bwd(fn, xs)
-        finally:
-            for kernel in kernels:
-                del kernel.run
+            del kernel.run
     return counter.aten, counter.triton
 
 
-def layer_launches_per_chunk(size: str, kernel: str) -> float:
+def layer_launches_per_chunk(size: str | HopeConfig, kernel: str) -> float:
     """Launches of one HOPE layer's forward + backward (loss included) per chunk step of both
     passes: the difference between 4 and 2 chunks of sequence, halved (batch 1, CPU)."""
     from hope import HopeForCausalLM
     counts = []
     for chunks in (2, 4):
-        cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml")
+        cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml") if isinstance(size, str) else copy.deepcopy(size)
         cfg.num_layers, cfg.vocab_size, cfg.memory_kernel = 1, 256, kernel
         model = HopeForCausalLM(cfg)
         ids = torch.randint(0, 256, (1, chunks * cfg.chunk_size))
