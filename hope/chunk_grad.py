@@ -281,11 +281,24 @@ def targets_backward(W1, W2, v, dvhat, dW1, dW2, act_name: str = "silu"):
     return dvhat + da @ W2
 
 
+def write_forward(W1, W2, k, v, eta, la, q, dgd: bool, act_name: str, targets: bool):
+    """(W1_new, W2_new, o or None) of one chunk's writes of v, or with `targets` of M(v)."""
+    vhat = targets_forward(W1, W2, v, act_name) if targets else v
+    return chunk_forward(W1, W2, k, vhat, eta, la, q, dgd, act_name)
+
+
+def write_backward(W1, W2, k, v, eta, la, q, dgd: bool, dW1n, dW2n, do, act_name: str, targets: bool):
+    """[dW1, dW2, dk, dv, deta, dla, dq or None] of write_forward, recomputing it."""
+    vhat = targets_forward(W1, W2, v, act_name) if targets else v
+    grads = list(chunk_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name))
+    if targets:  # grads: dW1, dW2, dk, dvhat, ... -> dv, and the targets' share of dW1, dW2
+        grads[3] = targets_backward(W1, W2, v, grads[3], grads[0], grads[1], act_name)
+    return grads
+
+
 class Backend(NamedTuple):
-    forward: Callable
-    backward: Callable
-    targets: Callable
-    targets_backward: Callable
+    forward: Callable  # write_forward's arguments -> (W1_new, W2_new, o, *kept for the backward)
+    backward: Callable  # write_backward's arguments, then *kept -> its gradients
 
 
 _COMPILED: list[Backend] = []
@@ -295,14 +308,13 @@ def _implementation(backend: str) -> Backend:
     """The chunk update's functions: eager, torch.compile'd once per process (shapes specialise),
     or the Triton kernels."""
     if backend == "torch":
-        return Backend(chunk_forward, chunk_backward, targets_forward, targets_backward)
+        return Backend(write_forward, write_backward)
     if backend == "triton":
-        return Backend(_triton_forward, _triton_backward, _triton_targets, _triton_targets_backward)
+        return Backend(_triton_forward, _triton_backward)
     if backend != "compiled":
         raise ValueError(f"unknown chunk backend {backend!r}")
     if not _COMPILED:
-        _COMPILED.append(Backend(*(torch.compile(f, dynamic=False) for f in
-                                   (chunk_forward, chunk_backward, targets_forward, targets_backward))))
+        _COMPILED.append(Backend(*(torch.compile(f, dynamic=False) for f in (write_forward, write_backward))))
     return _COMPILED[0]
 
 
@@ -339,30 +351,31 @@ def _delta_rule_inverse(k, eta, la):
     return T
 
 
-def _triton_forward(W1, W2, k, vhat, eta, la, q, dgd, act_name):
+def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets):
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
-    k, eta, la, SX, SH = _shared_inputs(k, eta, la)
+    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la)
     Ti = _delta_rule_inverse(k, eta, la) if dgd else None
-    W1, W2, vhat = (t.contiguous() for t in (W1, W2, vhat))
+    W1, W2 = W1.contiguous(), W2.contiguous()
     q = None if q is None else q.contiguous()
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
     o = torch.empty_like(q) if q is not None else None
     chunk_fwd_kernel[(W1.numel() // (d * m),)](
-        W1, W2, k, vhat, eta, la, k if q is None else q, k if Ti is None else Ti, W1n, W2n, k if o is None else o,
-        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, PREC=TRITON_PRECISION)  # k: a placeholder, never read
+        W1, W2, k, v, eta, la, k if q is None else q, k if Ti is None else Ti, W1n, W2n, k if o is None else o,
+        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, TARGETS=targets, PREC=TRITON_PRECISION)  # k: a placeholder, never read
     return W1n, W2n, o, Ti  # T is kept for the backward (C x C per memory) instead of recomputed
 
 
-def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name, Ti=None):
-    from .triton_chunk import chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel
+def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, targets, Ti=None):
+    from .triton_chunk import (chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel,
+                               targets_bwd_kernel)
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     shape_k, shape_eta = k.shape, eta.shape  # the gradients are per memory; autograd sums shared ones
-    k, eta, la, SX, SH = _shared_inputs(k, eta, la)
-    W1, W2, vhat, dW1n, dW2n = (t.contiguous() for t in (W1, W2, vhat, dW1n, dW2n))
+    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la)
+    W1, W2, dW1n, dW2n = (t.contiguous() for t in (W1, W2, dW1n, dW2n))
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
-    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, PREC=TRITON_PRECISION)
+    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, PREC=TRITON_PRECISION)
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
     if q is not None:  # partial adjoints of the read-out, handed to the state kernel
@@ -371,53 +384,20 @@ def _triton_backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name,
         dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, q, q))
         dhp, dup, dEp, dz = (torch.empty(*q.shape[:-1], m, dtype=q.dtype, device=q.device) for _ in range(4))
         detap, dlgp = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
-        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
-        chunk_bwd_readout2_kernel[(n,)](W1, W2, k, vhat, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
+        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
+        chunk_bwd_readout2_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
                                         **shapes)
         partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)
-    dW1, dW2, dvhat = (torch.empty_like(t) for t in (W1, W2, vhat))
-    dk = torch.empty(shape_k, dtype=k.dtype, device=k.device)
+    dW1, dW2 = torch.empty_like(W1), torch.empty_like(W2)
+    dk, dvhat = (torch.empty(shape_k, dtype=k.dtype, device=k.device) for _ in range(2))
     deta, dla = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
-    chunk_bwd_state_kernel[(n,)](W1, W2, k, vhat, eta, la, Ti, dW1n, dW2n, *partials,
+    chunk_bwd_state_kernel[(n,)](W1, W2, k, v, eta, la, Ti, dW1n, dW2n, *partials,
                                  dW1, dW2, dk, dvhat, deta, dla, HAS_Q=q is not None, **shapes)
-    return dW1, dW2, dk, dvhat, deta, dla, dq
-
-
-def _triton_targets(W1, W2, v, act_name):
-    from .triton_chunk import targets_fwd_kernel
-    C, d, m = v.shape[-2], v.shape[-1], W1.shape[-1]
-    vhat = torch.empty(*W1.shape[:-2], C, d, dtype=v.dtype, device=v.device)
-    v, SX, SH = _shared_inputs(v)
-    W1, W2 = W1.contiguous(), W2.contiguous()
-    targets_fwd_kernel[(W1.numel() // (d * m),)](W1, W2, v, vhat, SX, SH, C=C, D=d, M=m, PREC=TRITON_PRECISION)
-    return vhat
-
-
-def _triton_targets_backward(W1, W2, v, dvhat, dW1, dW2, act_name):
-    from .triton_chunk import targets_bwd_kernel
-    C, d, m = v.shape[-2], v.shape[-1], W1.shape[-1]
-    dv = torch.empty(*W1.shape[:-2], C, d, dtype=v.dtype, device=v.device)
-    v, SX, SH = _shared_inputs(v)
-    W1, W2 = W1.contiguous(), W2.contiguous()
-    targets_bwd_kernel[(W1.numel() // (d * m),)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m,
-                                                 PREC=TRITON_PRECISION)  # dW1, dW2: updated in place
-    return dv
-
-
-def write_forward(impl: Backend, W1, W2, k, v, eta, la, q, dgd, act_name, targets):
-    """(W1_new, W2_new, o, kept) of one chunk's writes; `kept` is what the backward reuses."""
-    vhat = impl.targets(W1, W2, v, act_name) if targets else v
-    W1n, W2n, o, *kept = impl.forward(W1, W2, k, vhat, eta, la, q, dgd, act_name)  # Triton keeps T
-    return W1n, W2n, o, kept
-
-
-def write_backward(impl: Backend, W1, W2, k, v, eta, la, q, kept, dW1n, dW2n, do, dgd, act_name, targets):
-    """[dW1, dW2, dk, dv, deta, dla, dq] of write_forward, per memory (inputs broadcast to all)."""
-    vhat = impl.targets(W1, W2, v, act_name) if targets else v
-    grads = list(impl.backward(W1, W2, k, vhat, eta, la, q, dgd, dW1n, dW2n, do, act_name, *kept))
-    if targets:  # grads: dW1, dW2, dk, dvhat, ... -> dv, and the targets' share of dW1, dW2
-        grads[3] = impl.targets_backward(W1, W2, v, grads[3], grads[0], grads[1], act_name)
-    return grads
+    dv = dvhat
+    if targets:  # vhat = M(v): dv, and the targets' share added to dW1, dW2
+        dv = torch.empty_like(dvhat)
+        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, PREC=TRITON_PRECISION)
+    return dW1, dW2, dk, dv, deta, dla, dq
 
 
 class ChunkUpdate(torch.autograd.Function):
@@ -437,7 +417,7 @@ class ChunkUpdate(torch.autograd.Function):
         lead = torch.broadcast_shapes(*(x.shape[:x.ndim - t] for x, t in zip(inputs, tails) if x is not None))
         inputs = [None if x is None else x.expand(*lead, *x.shape[x.ndim - t:]) for x, t in zip(inputs, tails)]
         ctx.dgd, ctx.backend, ctx.act_name, ctx.targets = dgd, backend, act_name, targets
-        W1n, W2n, o, kept = write_forward(_implementation(backend), *inputs, dgd, act_name, targets)
+        W1n, W2n, o, *kept = _implementation(backend).forward(*inputs, dgd, act_name, targets)  # Triton keeps T
         ctx.save_for_backward(*inputs, *kept)
         return W1n, W2n, o
 
@@ -446,8 +426,8 @@ class ChunkUpdate(torch.autograd.Function):
         W1, W2, k, v, eta, la, q, *kept = ctx.saved_tensors
         if q is not None and do is None:
             do = torch.zeros_like(q)
-        grads = write_backward(_implementation(ctx.backend), W1, W2, k, v, eta, la, q, kept, dW1n, dW2n, do,
-                               ctx.dgd, ctx.act_name, ctx.targets)
+        grads = list(_implementation(ctx.backend).backward(W1, W2, k, v, eta, la, q, ctx.dgd, dW1n, dW2n, do,
+                                                           ctx.act_name, ctx.targets, *kept))
         grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
         return (*grads, None, None, None, None)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import chunk_grad
-from .chunk_grad import padded_length, write_backward, write_forward
+from .chunk_grad import padded_length
 from .memory import activation
 
 
@@ -164,8 +164,8 @@ class ProjectionStep(torch.autograd.Function):
         C = z.shape[-2]
         P = padded_length(C, backend)  # Triton: tokens C..P-1 are padding that writes nothing
         k, v, q, eta, la = _read_implementation(backend).forward(z, W1, W2, readout, spec, P)
-        W1n, W2n, _, kept = write_forward(chunk_grad._implementation(backend), W1, W2, *_shared(W1, k, v, eta, la),
-                                          None, spec.dgd, spec.act_name, spec.targets)
+        W1n, W2n, _, *kept = chunk_grad._implementation(backend).forward(
+            W1, W2, *_shared(W1, k, v, eta, la), None, spec.dgd, spec.act_name, spec.targets)
         ctx.save_for_backward(z, W1, W2, readout, k, v, eta, la, *kept)
         ctx.spec, ctx.backend = spec, backend
         return (W1n, W2n, *(t[..., :C, :] for t in (k, v, q)), *(t[..., :C] for t in (eta, la)))
@@ -178,9 +178,8 @@ class ProjectionStep(torch.autograd.Function):
         if P != C:
             dk, dv, dq = (F.pad(g, (0, 0, 0, P - C)) for g in (dk, dv, dq))
             deta, dla = (F.pad(g, (0, P - C)) for g in (deta, dla))
-        dW1, dW2, dk_w, dv_w, deta_w, dla_w, _ = write_backward(
-            chunk_grad._implementation(backend), W1, W2, *_shared(W1, k, v, eta, la), None, kept, dW1n, dW2n, None,
-            spec.dgd, spec.act_name, spec.targets)
+        dW1, dW2, dk_w, dv_w, deta_w, dla_w, _ = chunk_grad._implementation(backend).backward(
+            W1, W2, *_shared(W1, k, v, eta, la), None, spec.dgd, dW1n, dW2n, None, spec.act_name, spec.targets, *kept)
         dz, dreadout = _read_implementation(backend).backward(z, W1, W2, readout, (dk, dv, dq, deta, dla),
                                                               (dk_w, dv_w, deta_w, dla_w), dW1, dW2, spec)
         return dz, dW1, dW2, dreadout, None, None

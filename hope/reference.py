@@ -80,5 +80,5 @@ def reference_forward(layer: SelfModifyingTitans, x: torch.Tensor) -> torch.Tens
             memory.write(k, vhat, eta, alpha, mu, act, cfg.dgd)
         main = memories["memory"]
         outputs.append(_mlp(q, main.W1, main.W2, act))
-    o = torch.stack(outputs, dim=2)  # [B, H, T, d]
+    o = torch.stack(outputs, dim=1)  # [B, T, H, d]
     return layer._output(o, x)

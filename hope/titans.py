@@ -30,6 +30,25 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+class _TokenMajor(torch.autograd.Function):
+    """Read-out chunks [n, B, H, C, d] -> [B, n * C, H, d], one copy. Its backward is one copy the
+    other way, so each chunk's op gets a contiguous gradient (a slice of [B, H, T, d] is not, and
+    the fused op would copy it, once per chunk)."""
+
+    @staticmethod
+    def forward(ctx, chunks: torch.Tensor) -> torch.Tensor:
+        n, B, H, C, d = chunks.shape
+        ctx.chunk = C
+        out = chunks.new_empty(B, n * C, H, d)
+        out.view(B, n, C, H, d).copy_(chunks.permute(1, 0, 3, 2, 4))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        B, T, H, d = grad.shape
+        return grad.reshape(B, T // ctx.chunk, ctx.chunk, H, d).permute(1, 0, 3, 2, 4).contiguous()
+
+
 class SelfModifyingTitans(nn.Module):
     def __init__(self, config: HopeConfig):
         super().__init__()
@@ -150,8 +169,9 @@ class SelfModifyingTitans(nn.Module):
         return z
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, H, T, d = o.shape
-        o = self.out_norm(o).transpose(1, 2).reshape(B, T, H * d)
+        """o: [B, T, H, d], the memory's read-out per token and head."""
+        B, T, H, d = o.shape
+        o = self.out_norm(o).reshape(B, T, H * d)
         if self.gate_proj is not None:
             o = o * F.silu(self.gate_proj(x))
         return self.o_proj(o)
@@ -238,7 +258,11 @@ class SelfModifyingTitans(nn.Module):
             state, o = self._update(kernel, state, c["k"], c["v"], c["eta"], c["log_alpha"], c.get("mu"), q=c["q"])
             chunks.append(o.squeeze(1))
             main_pos = min(s + Cm, T) - s
-        o = torch.cat(chunks, dim=2).to(x.dtype)
+        if T % Cm == 0:
+            o = _TokenMajor.apply(torch.stack(chunks))
+        else:
+            o = torch.cat(chunks, dim=2).transpose(1, 2)
+        o = o.to(x.dtype)
 
         if cache is not None:  # hand the decoding state over: chunk-start and current states
             cache.update(conv=conv_state, main=(main_start, state, main_pos % Cm),
@@ -281,7 +305,7 @@ class SelfModifyingTitans(nn.Module):
         start, current, pos = cache["main"]
         vhat = self._targets(v[:, None], start).squeeze(-2)
         current = token_update(current, start, k_tok, vhat, eta_tok, alpha_tok, mu, self.act, cfg.dgd)
-        o = memory_forward(q[:, None], current.W1, current.W2, self.act[0])[:, 0].to(x.dtype)  # [B, H, 1, d]
+        o = memory_forward(q[:, None], current.W1, current.W2, self.act[0])[:, 0].to(x.dtype).transpose(1, 2)  # [B, 1, H, d]
         pos += 1
         cache["main"] = (current, current, 0) if pos == cfg.chunk_size else (start, current, pos)
         return self._output(o, x)

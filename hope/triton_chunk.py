@@ -2,19 +2,21 @@
 backward in three kernels that recompute the chunk.
 
 One program per memory (batch x memory x head): it loads the chunk-start state W1 [d, m],
-W2 [m, d], the chunk's k, vhat, q [C, d], eta, log alpha [C] and T = (I + L)^-1 [C, C] (the
+W2 [m, d], the chunk's k, v, q [C, d], eta, log alpha [C] and T = (I + L)^-1 [C, C] (the
 gated-delta-rule inverse: it depends on k, eta, alpha only, so `delta_rule_inverse_kernel`
-computes it first and the backward reuses it), and does the whole chunk on chip. Memories that
-share k, eta, alpha (the projection memories) read one copy of them and of T (`_offsets`). hope/chunk_grad.py is the same math in PyTorch, line for line, and the reference
-these kernels are tested against (under TRITON_INTERPRET=1 on CPU). SiLU only; fp32 in and out;
-the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32" fastest).
+computes it first and the backward reuses it), and does the whole chunk on chip. The values
+written are v, or with TARGETS the self-generated targets M_c(v), which each kernel recomputes
+(`_values`). Memories that share k, v, eta, alpha (the projection memories) read one copy of them
+and of T (`_offsets`). hope/chunk_grad.py is the same math in PyTorch, line for line, and the
+reference these kernels are tested against (under TRITON_INTERPRET=1 on CPU). SiLU only; fp32 in
+and out; the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32" fastest).
 
 The backward is split because one kernel holding every adjoint needed 385 KB of shared memory
 on the H100 (limit 227 KB) and minutes to compile. The backward differentiates the
 dual-form read-out in two halves (`chunk_bwd_readout1_kernel` up to dz = d(W2_t q_t), then
 `chunk_bwd_readout2_kernel`), which hand partial adjoints (7 tiles, and the gate adjoints
 already reduced to two vectors) to `chunk_bwd_state_kernel`: the chunk-end state, the delta rule,
-the gates and the inner gradients. Each kernel recomputes the forward quantities it needs
+the gates and the inner gradients; with TARGETS, `targets_bwd_kernel` takes d vhat on to v. Each kernel recomputes the forward quantities it needs
 (`_recompute`). tools/triton_resources.py compiles them for sm_90 without a GPU and prints their
 shared memory.
 """
@@ -122,14 +124,14 @@ def delta_rule_inverse_kernel(K, ETA, LA, TI, C: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def targets_fwd_kernel(W1, W2, V, VH, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                       PREC: tl.constexpr):
-    """Self-generated targets vhat = v + silu(v W2^T) W1^T of one memory at its chunk-start state."""
-    n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+def _values(V, w1, w2, kcd, TARGETS: tl.constexpr, PREC: tl.constexpr):
+    """The values the chunk writes: v, or with TARGETS the self-generated targets
+    vhat = M_c(v) = v + W1 silu(W2 v) under the chunk-start state (recomputed where needed)."""
     v = tl.load(V + kcd)
-    av = _dot(v, tl.trans(tl.load(W2 + md)), PREC)
-    tl.store(VH + cd, v + _dot(av * tl.sigmoid(av), tl.trans(tl.load(W1 + dm)), PREC))
+    if TARGETS:
+        av = _dot(v, tl.trans(w2), PREC)
+        v = v + _dot(av * tl.sigmoid(av), tl.trans(w1), PREC)
+    return v
 
 
 @triton.jit
@@ -150,9 +152,9 @@ def targets_bwd_kernel(W1, W2, V, DVH, DW1, DW2, DV, SX, SH, C: tl.constexpr, D:
 
 
 @triton.jit
-def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
+def chunk_fwd_kernel(W1, W2, K, V, ETA, LA, Q, TI, W1N, W2N, O,
                      SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                     DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
+                     DGD: tl.constexpr, HAS_Q: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
@@ -160,7 +162,7 @@ def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
     k = tl.load(K + kcd)
     eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
     DC = GC * eta
@@ -181,10 +183,10 @@ def chunk_fwd_kernel(W1, W2, K, VH, ETA, LA, Q, TI, W1N, W2N, O,
 
 
 @triton.jit
-def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
+def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
                               DZ, DW1P, DRP, DHP, DETAP, DLGP,
                               SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                              DGD: tl.constexpr, PREC: tl.constexpr):
+                              DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t)."""
     n = tl.program_id(0).to(tl.int64)
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
@@ -193,7 +195,7 @@ def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
     k = tl.load(K + kcd)
     eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     qk, Y, z = _readout_z(tl.load(Q + cd), k, w2, u, E, G, Dm, g, DGD, PREC)
@@ -219,18 +221,19 @@ def chunk_bwd_readout1_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO,
 
 
 @triton.jit
-def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
+def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
                               DQ, DW2P, DKP, DUP, DEP, DETAP, DLGP,
                               SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                              DGD: tl.constexpr, PREC: tl.constexpr):
+                              DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
     n = tl.program_id(0).to(tl.int64)
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+    w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
     k = tl.load(K + kcd)
     eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        tl.load(W1 + dm), w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     q = tl.load(Q + cd)
@@ -263,11 +266,11 @@ def chunk_bwd_readout2_kernel(W1, W2, K, VH, ETA, LA, Q, TI, DO, DZ,
 
 
 @triton.jit
-def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
+def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
                            DW1P, DW2P, DKP, DRP, DHP, DUP, DEP, DETAP, DLGP,
                            DW1, DW2, DK, DVH, DETA, DLA,
                            SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                           DGD: tl.constexpr, HAS_Q: tl.constexpr, PREC: tl.constexpr):
+                           DGD: tl.constexpr, HAS_Q: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients."""
     n = tl.program_id(0).to(tl.int64)
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
@@ -277,7 +280,7 @@ def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
     k = tl.load(K + kcd)
     eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, tl.load(VH + cd), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     gp = tl.exp(lgp)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
@@ -371,6 +374,7 @@ def chunk_bwd_state_kernel(W1, W2, K, VH, ETA, LA, TI, DW1N, DW2N,
     tl.store(DW1 + dm, dw1)
     tl.store(DW2 + md, dw2)
     tl.store(DK + cd, dk)
-    tl.store(DVH + cd, -dr)
+    tl.store(DVH + cd, -dr)  # with TARGETS, targets_bwd_kernel takes d vhat on to v (here it would
+    # take 16 KB more shared memory than the H100 has)
     tl.store(DETA + cv, deta)
     tl.store(DLA + cv, dla)

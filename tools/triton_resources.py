@@ -21,7 +21,6 @@ from hope import triton_chunk, triton_projection  # noqa: E402
 
 KERNELS = {  # kernel name -> (module, number of leading pointer arguments)
     "delta_rule_inverse_kernel": (triton_chunk, 4),
-    "targets_fwd_kernel": (triton_chunk, 4),
     "targets_bwd_kernel": (triton_chunk, 7),
     "chunk_fwd_kernel": (triton_chunk, 11),
     "chunk_bwd_readout1_kernel": (triton_chunk, 15),
@@ -56,7 +55,7 @@ def main():
     p.add_argument("--kernels", default=",".join(KERNELS))
     args = p.parse_args()
     n = args.size
-    constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, UNIT_V=True, DECAY=True,
+    constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, TARGETS=True, UNIT_V=True, DECAY=True,
                      PREC=args.precision)
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps")
