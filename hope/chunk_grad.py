@@ -351,11 +351,12 @@ def _delta_rule_inverse(k, eta, la):
     return T
 
 
-def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets):
+def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets, Ti=None):
+    """Ti: the chunk's T if another write of the same k, eta, alpha computed it already."""
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la)
-    Ti = _delta_rule_inverse(k, eta, la) if dgd else None
+    Ti = _delta_rule_inverse(k, eta, la) if dgd and Ti is None else Ti
     W1, W2 = W1.contiguous(), W2.contiguous()
     q = None if q is None else q.contiguous()
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)

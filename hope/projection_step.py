@@ -72,8 +72,9 @@ def read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     return k, v, q, eta, la
 
 
-def read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: ReadSpec):
-    """(dz, dreadout) of read_forward; the read's share of dW1, dW2 is added in place.
+def read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: ReadSpec, dz, dreadout):
+    """The adjoint of read_forward, into dz [B, 5, H, C, d] (any strides) and dreadout [B, 2, H, d + 1]
+    (per batch row); the read's share of dW1, dW2 is added in place.
 
     main_grads: dk, dv, dq [B, H, rows, d], deta, dla [B, H, rows] from the main pass; write_grads:
     dk, dv, deta, dla per memory [B, 5, H, rows(, d)] from the five writes.
@@ -97,12 +98,11 @@ def read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: R
     if valid < rows:
         dlogits = dlogits.masked_fill(torch.arange(rows, device=z.device) >= valid, 0.0)
     dread[:, 3:] = dlogits[..., None] * readout[:, :, None, :-1]
-    dreadout = torch.cat([(dlogits[..., None] * read[:, 3:]).sum((0, 3)), dlogits.sum((0, 3))[..., None]], dim=-1)
+    dreadout.copy_(torch.cat([(dlogits[..., None] * read[:, 3:]).sum(3), dlogits.sum(3)[..., None]], dim=-1))
     dW1 += dread.transpose(-1, -2) @ h
     da = (dread @ W1) * ds(a)
     dW2 += da.transpose(-1, -2) @ z
-    dz = dread + da @ W2
-    return dz[..., :valid, :], dreadout
+    dz.copy_((dread + da @ W2)[..., :valid, :])
 
 
 def _triton_read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
@@ -120,7 +120,7 @@ def _triton_read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     return (*kvq.unbind(0), *gates.unbind(0))
 
 
-def _triton_read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: ReadSpec):
+def _triton_read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: ReadSpec, dz, dreadout):
     from .triton_projection import projection_read_bwd_kernel
     B, X, H, valid, d = z.shape
     C = main_grads[-1].shape[-1]
@@ -128,12 +128,11 @@ def _triton_read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2,
     z = z if z.stride(-1) == 1 else z.contiguous()
     W1, W2, readout = W1.contiguous(), W2.contiguous(), readout.contiguous()
     grads = [g.contiguous() for g in (*main_grads, *write_grads)]
-    dz = torch.empty(B, X, H, valid, d, dtype=z.dtype, device=z.device)
-    dreadout = torch.empty(B, 2, H, d + 1, dtype=z.dtype, device=z.device)  # per batch row, summed below
+    assert dz.stride(-1) == 1 and dreadout.is_contiguous()
     projection_read_bwd_kernel[(B * X * H,)](
-        z, W1, W2, readout, *grads, dW1, dW2, dz, dreadout, *z.stride()[:4], B, H, valid, spec.eta_max, spec.eps,
-        C=C, D=d, M=m, UNIT_V=spec.normalize_v, DECAY=spec.decay, PREC=chunk_grad.TRITON_PRECISION)
-    return dz, dreadout.sum(0)
+        z, W1, W2, readout, *grads, dW1, dW2, dz, dreadout, *z.stride()[:4], *dz.stride()[:4], B, H, valid,
+        spec.eta_max, spec.eps, C=C, D=d, M=m, UNIT_V=spec.normalize_v, DECAY=spec.decay,
+        PREC=chunk_grad.TRITON_PRECISION)
 
 
 class ReadBackend(NamedTuple):
@@ -180,9 +179,11 @@ class ProjectionStep(torch.autograd.Function):
             deta, dla = (F.pad(g, (0, P - C)) for g in (deta, dla))
         dW1, dW2, dk_w, dv_w, deta_w, dla_w, _ = chunk_grad._implementation(backend).backward(
             W1, W2, *_shared(W1, k, v, eta, la), None, spec.dgd, dW1n, dW2n, None, spec.act_name, spec.targets, *kept)
-        dz, dreadout = _read_implementation(backend).backward(z, W1, W2, readout, (dk, dv, dq, deta, dla),
-                                                              (dk_w, dv_w, deta_w, dla_w), dW1, dW2, spec)
-        return dz, dW1, dW2, dreadout, None, None
+        dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        dreadout = torch.empty(z.shape[0], *readout.shape, dtype=z.dtype, device=z.device)  # per batch row
+        _read_implementation(backend).backward(z, W1, W2, readout, (dk, dv, dq, deta, dla), (dk_w, dv_w, deta_w, dla_w),
+                                               dW1, dW2, spec, dz, dreadout)
+        return dz, dW1, dW2, dreadout.sum(0), None, None
 
 
 def _shared(W1, *tensors):

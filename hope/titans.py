@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from .config import PROJECTION_MEMORIES, HopeConfig
 from .layers import CausalDepthwiseConv, RMSNorm, unit_rows
-from .chunk_grad import fused_chunk_update
+from .chunk_grad import fused_chunk_update, padded_length
+from .memory_pass import memory_pass
 from .projection_step import ReadSpec, projection_step
 from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
 
@@ -213,10 +214,19 @@ class SelfModifyingTitans(nn.Module):
         z = {n: t.to(dtype) for n, t in self._inputs(x, conv_state).items()}
         mu_log = F.logsigmoid(self.momentum_proj(x).to(dtype) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
 
+        Cp, Cm = cfg.projection_chunk_size, cfg.chunk_size
+        # All five projection memories adaptive (HOPE's configs): a fused op per projection chunk,
+        # or, when both passes chunk alike, one op for both passes (hope/memory_pass.py).
+        fused = kernel != "reference" and self.adaptive == list(PROJECTION_MEMORIES)
+        if fused and cache is None and Cp == Cm and T % Cm == 0 and padded_length(Cm, kernel) == Cm:
+            proj, main = self._initial_state(self.adaptive, B, dtype), self._initial_state(["memory"], B, dtype)
+            o = memory_pass(torch.stack([z[n] for n in self.adaptive], dim=1), proj.W1, proj.W2, main.W1, main.W2,
+                            self._readout_table(dtype), self._read_spec(), kernel, Cm)
+            return self._output(o.to(x.dtype), x)
+
         # Pass 1: the projection memories, chunk by chunk: k, v, q, eta, log alpha of each chunk.
         # Inputs are split into chunks once, up front: split's backward is one concatenation, where
         # per-chunk slicing would build a full-length zero gradient per chunk and add them up.
-        Cp, Cm = cfg.projection_chunk_size, cfg.chunk_size
         proj_state = proj_start = self._initial_state(self.adaptive, B, dtype) if self.adaptive else None
         proj_pos, per_chunk = 0, None
         if not self.adaptive:  # static projections: read out once, for the whole sequence
@@ -226,8 +236,6 @@ class SelfModifyingTitans(nn.Module):
             stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3)
             z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
             mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
-            # All five adaptive (HOPE's configs): one fused op per chunk (hope/projection_step.py).
-            fused = kernel != "reference" and self.adaptive == list(PROJECTION_MEMORIES)
             readout = self._readout_table(dtype) if fused else None
             for i, zc in enumerate(stacked):
                 proj_start = proj_state

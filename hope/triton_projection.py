@@ -62,12 +62,12 @@ def projection_read_fwd_kernel(Z, W1, W2, RO, KVQ, GATES, sZb, sZx, sZh, sZc, B,
 
 @triton.jit
 def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W, DETA_W, DLA_W, DW1, DW2, DZ, DRO,
-                               sZb, sZx, sZh, sZc, B, H, VALID, ETA_MAX, EPS,
+                               sZb, sZx, sZh, sZc, sDb, sDx, sDh, sDc, B, H, VALID, ETA_MAX, EPS,
                                C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, UNIT_V: tl.constexpr,
                                DECAY: tl.constexpr, PREC: tl.constexpr):
     """DK, DV, DQ [B, H, C, D], DETA, DLA [B, H, C]: gradients from the main pass; DK_W ... DLA_W
     [B, 5, H, C(, D)]: from the five writes, per memory. DW1, DW2: the writes' state gradients, to
-    which the read's share is added. Out: DZ [B, 5, H, VALID, D]; DRO [B, 2, H, D + 1]."""
+    which the read's share is added. Out: DZ [B, 5, H, VALID, D] (strides sD*); DRO [B, 2, H, D + 1]."""
     n, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read = _program(Z, sZb, sZx, sZh, sZc, W1, W2, H, VALID, C, D, M, PREC)
     cd = rc[:, None] * D + rd[None, :]
     bh = b * H + h
@@ -122,4 +122,5 @@ def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W,
     tl.store(DW1 + dm, tl.load(DW1 + dm) + _dot(tl.trans(dread), a * sa, PREC))
     da = _dot(dread, w1, PREC) * (sa * (1 + a * (1 - sa)))
     tl.store(DW2 + md, tl.load(DW2 + md) + _dot(tl.trans(da), z, PREC))
-    tl.store(DZ + n * VALID * D + cd, dread + _dot(da, w2, PREC), mask=rc[:, None] < VALID)
+    tl.store(DZ + b * sDb + x * sDx + h * sDh + rc[:, None] * sDc + rd[None, :], dread + _dot(da, w2, PREC),
+             mask=rc[:, None] < VALID)

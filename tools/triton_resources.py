@@ -37,7 +37,7 @@ def compile_kernel(name: str, constants: dict, arch: int, warps: int):
     kernel = getattr(module, name)
     names = list(kernel.arg_names)
     # runtime scalars: memories sharing k, eta, alpha; strides and sizes; the read-outs' floats
-    integers = {"SX", "SH", "sZb", "sZx", "sZh", "sZc", "B", "H", "VALID"}
+    integers = {"SX", "SH", "sZb", "sZx", "sZh", "sZc", "sDb", "sDx", "sDh", "sDc", "B", "H", "VALID"}
     floats = {"ETA_MAX", "EPS"}
     signature = {arg: ("*fp32" if i < pointers else "i32" if arg in integers else "fp32" if arg in floats
                        else "constexpr") for i, arg in enumerate(names)}
