@@ -323,21 +323,28 @@ def _implementation(backend: str) -> Backend:
 TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
 
 
-def _shared_inputs(*tensors):
+def _shared_inputs(*tensors, share: bool = True):
     """The tensors without the lead dims they are all broadcast along, and the kernels' (SX, SH).
 
     The projection memories share k, v, eta, alpha: views broadcast along the memory dim. The
     kernels read one tile per group (triton_chunk._offsets) instead of a copy per memory, if the
-    shared dims are one run (P, SX, SH) of the lead dims; otherwise every memory gets its own copy.
+    shared dims are one run (P, SX, SH) of the lead dims; otherwise (or not `share`) every memory
+    gets its own copy.
     """
     lead = tensors[0].shape[:-2]  # the first is a [..., C, d] tile
-    shared = [n > 1 and all(t.stride(i) == 0 for t in tensors) for i, n in enumerate(lead)]
+    shared = [share and n > 1 and all(t.stride(i) == 0 for t in tensors) for i, n in enumerate(lead)]
     dims = [i for i, is_shared in enumerate(shared) if is_shared]
     if not dims or dims != list(range(dims[0], dims[-1] + 1)):
         return (*(t.contiguous() for t in tensors), 1, 1)
     one = tuple(slice(0, 1) if is_shared else slice(None) for is_shared in shared)
     return (*(t[one].contiguous() for t in tensors), math.prod(lead[dims[0]:dims[-1] + 1]),
             math.prod(lead[dims[-1] + 1:]))
+
+
+def _grouped(k, q) -> bool:
+    """Whether memories sharing k may run as groups: without q, or with one q per group (shaped
+    unlike k), which the group's last memory reads out; a q per memory needs every memory's own."""
+    return q is None or q.shape[:-2] != k.shape[:-2]
 
 
 def _delta_rule_inverse(k, eta, la):
@@ -352,10 +359,11 @@ def _delta_rule_inverse(k, eta, la):
 
 
 def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets, Ti=None):
-    """Ti: the chunk's T if another write of the same k, eta, alpha computed it already."""
+    """Ti: the chunk's T if another write of the same k, eta, alpha computed it already. q: one per
+    group of memories that share k, v, eta, alpha, read out by the group's last memory."""
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
-    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la)
+    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=_grouped(k, q))
     Ti = _delta_rule_inverse(k, eta, la) if dgd and Ti is None else Ti
     W1, W2 = W1.contiguous(), W2.contiguous()
     q = None if q is None else q.contiguous()
@@ -372,22 +380,23 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
                                targets_bwd_kernel)
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     shape_k, shape_eta = k.shape, eta.shape  # the gradients are per memory; autograd sums shared ones
-    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la)
+    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=_grouped(k, q))
     W1, W2, dW1n, dW2n = (t.contiguous() for t in (W1, W2, dW1n, dW2n))
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
     shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, PREC=TRITON_PRECISION)
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
-    if q is not None:  # partial adjoints of the read-out, handed to the state kernel
+    if q is not None:  # partial adjoints of the read-out (per group: its last memory's), for the state kernel
         q, do = q.contiguous(), do.contiguous()
-        dq = torch.empty_like(q)
-        dW1p, dW2p, dkp, drp = (torch.empty_like(t) for t in (W1, W2, q, q))
-        dhp, dup, dEp, dz = (torch.empty(*q.shape[:-1], m, dtype=q.dtype, device=q.device) for _ in range(4))
-        detap, dlgp = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
-        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
-        chunk_bwd_readout2_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
-                                        **shapes)
+        groups = q.numel() // (C * d)
+        dq, dkp, drp = (torch.empty_like(q) for _ in range(3))
+        dW1p, dW2p = q.new_empty(groups, d, m), q.new_empty(groups, m, d)
+        dhp, dup, dEp, dz = (q.new_empty(*q.shape[:-1], m) for _ in range(4))
+        detap, dlgp = (q.new_empty(q.shape[:-1]) for _ in range(2))
+        chunk_bwd_readout1_kernel[(groups,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
+        chunk_bwd_readout2_kernel[(groups,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
+                                             **shapes)
         partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)
     dW1, dW2 = torch.empty_like(W1), torch.empty_like(W2)
     dk, dvhat = (torch.empty(shape_k, dtype=k.dtype, device=k.device) for _ in range(2))

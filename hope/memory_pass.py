@@ -2,16 +2,18 @@
 
 hope/titans.py runs the projection pass and then the main pass, one autograd op per chunk. When
 both passes chunk alike (chunk_size == projection_chunk_size, dividing the sequence), chunk i of
-the main memory writes exactly the k, v, eta, alpha that chunk i of the projection pass read out.
-This op then walks the chunks once:
-    forward, chunk i:  read k, v, q, eta, alpha (projection_step's read); the five projection
-                       memories write them; the main memory writes them and reads q out.
-    backward, i = n-1 .. 0: the main memory's write and read-out, then the projection writes, then
-                       the read, carrying each memory's state gradient to chunk i - 1.
+the main memory writes exactly the k, v, eta, alpha that chunk i of the projection pass read out,
+so the main memory is a sixth memory of the same write, the one that also reads q out:
+    forward, chunk i:  read k, v, q, eta, alpha (projection_step's read) under the five
+                       projection memories' states; all six memories write the chunk; the main
+                       memory reads q out.
+    backward, i = n-1 .. 0: the six writes (and the read-out), then the read, carrying the state
+                       gradients to chunk i - 1.
 The same values as the per-chunk ops, with no autograd node, Python wrapper or gradient sum per
-chunk, and one gated-delta-rule inverse T per chunk for all six memories (it depends on k, eta,
-alpha only). Every call is a backend function of hope/chunk_grad.py and hope/projection_step.py,
-so the torch, compiled and Triton backends all run here.
+chunk. With the Triton kernels each step is one launch per kernel for all six memories: one
+gated-delta-rule inverse (it depends on k, eta, alpha only), and the main memory's programs run in
+the same waves as the projection memories' instead of filling a fraction of the GPU on their own.
+The PyTorch backends write the five and the main memory as two calls.
 """
 from __future__ import annotations
 
@@ -21,24 +23,46 @@ from . import chunk_grad
 from .projection_step import ReadSpec, _read_implementation, _shared
 
 
+def _write(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, *kept):
+    """All six memories (W [B, 6, H, ...]) write k, v, eta, la; the last reads q out.
+    -> (W1_new, W2_new, o [B, 1, H, C, d], *kept)"""
+    write = chunk_grad._implementation(backend)
+    args = (spec.dgd, spec.act_name, spec.targets)
+    if backend == "triton":  # q [B, 1, H, ...]: one per group of six, read out by its last memory
+        return write.forward(W1, W2, *_shared(W1, k, v, eta, la), q.unsqueeze(1), *args, *kept)
+    five = write.forward(W1[:, :5], W2[:, :5], *_shared(W1[:, :5], k, v, eta, la), None, *args)
+    main = write.forward(W1[:, 5:], W2[:, 5:], *(t.unsqueeze(1) for t in (k, v, eta, la, q)), *args)
+    return torch.cat([five[0], main[0]], dim=1), torch.cat([five[1], main[1]], dim=1), main[2]
+
+
+def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n, dW2n, do, *kept):
+    """[dW1, dW2, dk, dv, deta, dla (per memory, [B, 6, H, ...]), dq [B, 1, H, C, d]] of _write."""
+    write = chunk_grad._implementation(backend)
+    if backend == "triton":
+        return write.backward(W1, W2, *_shared(W1, k, v, eta, la), q.unsqueeze(1), spec.dgd, dW1n, dW2n, do,
+                              spec.act_name, spec.targets, *kept)
+    five = write.backward(W1[:, :5], W2[:, :5], *_shared(W1[:, :5], k, v, eta, la), None, spec.dgd,
+                          dW1n[:, :5], dW2n[:, :5], None, spec.act_name, spec.targets)
+    main = write.backward(W1[:, 5:], W2[:, 5:], *(t.unsqueeze(1) for t in (k, v, eta, la, q)), spec.dgd,
+                          dW1n[:, 5:], dW2n[:, 5:], do, spec.act_name, spec.targets)
+    return [torch.cat([a, b], dim=1) for a, b in zip(five[:6], main[:6])] + [main[6]]
+
+
 class MemoryPass(torch.autograd.Function):
-    """(z [B, 5, H, T, d], projection states W1p, W2p [B, 5, H, ...], main states W1m, W2m
-    [B, 1, H, ...], readout [2, H, d + 1]) -> the main memory's read-out o [B, T, H, d]."""
+    """(z [B, 5, H, T, d], states W1, W2 [B, 6, H, ...] (the five projection memories', then the
+    main memory's), readout [2, H, d + 1]) -> the main memory's read-out o [B, T, H, d]."""
 
     @staticmethod
-    def forward(ctx, z, W1p, W2p, W1m, W2m, readout, spec: ReadSpec, backend: str, C: int):
-        read, write = _read_implementation(backend), chunk_grad._implementation(backend)
+    def forward(ctx, z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
+        read = _read_implementation(backend)
         B, _, H, T, d = z.shape
         saved, outputs = [], []
         for s in range(0, T, C):
-            k, v, q, eta, la = read.forward(z[:, :, :, s:s + C], W1p, W2p, readout, spec, C)
-            W1p_next, W2p_next, _, *kept = write.forward(W1p, W2p, *_shared(W1p, k, v, eta, la), None,
-                                                        spec.dgd, spec.act_name, spec.targets)
-            main = [t.unsqueeze(1) for t in (k, v, eta, la, q)]
-            W1m_next, W2m_next, o, *_ = write.forward(W1m, W2m, *main, spec.dgd, spec.act_name, spec.targets, *kept)
-            saved += [W1p, W2p, W1m, W2m, k, v, q, eta, la, *kept]
+            k, v, q, eta, la = read.forward(z[:, :, :, s:s + C], W1, W2, readout, spec, C)
+            W1n, W2n, o, *kept = _write(backend, W1, W2, k, v, eta, la, q, spec)
+            saved += [W1, W2, k, v, q, eta, la, *kept]
             outputs.append(o)
-            W1p, W2p, W1m, W2m = W1p_next, W2p_next, W1m_next, W2m_next
+            W1, W2 = W1n, W2n
         ctx.save_for_backward(z, readout, *saved)
         ctx.spec, ctx.backend, ctx.C = spec, backend, C
         o = z.new_empty(B, T, H, d)  # token-major, as the layer's output norm wants it
@@ -48,33 +72,30 @@ class MemoryPass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         z, readout, *saved = ctx.saved_tensors
-        spec, C = ctx.spec, ctx.C
-        read, write = _read_implementation(ctx.backend), chunk_grad._implementation(ctx.backend)
+        spec, backend, C = ctx.spec, ctx.backend, ctx.C
+        read = _read_implementation(backend)
         B, X, H, T, d = z.shape
         n = T // C
         per_chunk = len(saved) // n
         do = do.reshape(B, n, C, H, d).permute(1, 0, 3, 2, 4).contiguous()  # [n, B, H, C, d]: chunk-major
         dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
         dreadout = torch.empty(n, B, *readout.shape, dtype=z.dtype, device=z.device)
-        dW1p = dW2p = dW1m = dW2m = None
+        dW1 = dW2 = None
         for i in reversed(range(n)):
-            W1p, W2p, W1m, W2m, k, v, q, eta, la, *kept = saved[i * per_chunk:(i + 1) * per_chunk]
-            if dW1p is None:  # the states after the last chunk are not used
-                dW1p, dW2p, dW1m, dW2m = (torch.zeros_like(t) for t in (W1p, W2p, W1m, W2m))
-            main = [t.unsqueeze(1) for t in (k, v, eta, la, q)]
-            dW1m, dW2m, dk, dv, deta, dla, dq = write.backward(W1m, W2m, *main, spec.dgd, dW1m, dW2m, do[i].unsqueeze(1),
-                                                               spec.act_name, spec.targets, *kept)
-            dW1p, dW2p, *written = write.backward(W1p, W2p, *_shared(W1p, k, v, eta, la), None, spec.dgd, dW1p, dW2p,
-                                                  None, spec.act_name, spec.targets, *kept)
-            main_grads = [g.squeeze(1) for g in (dk, dv, dq, deta, dla)]
-            read.backward(z[:, :, :, i * C:(i + 1) * C], W1p, W2p, readout, main_grads, written[:4], dW1p, dW2p,
-                          spec, dz[:, :, :, i * C:(i + 1) * C], dreadout[i])
-        return dz, dW1p, dW2p, dW1m, dW2m, dreadout.sum((0, 1)), None, None, None
+            W1, W2, k, v, q, eta, la, *kept = saved[i * per_chunk:(i + 1) * per_chunk]
+            if dW1 is None:  # the states after the last chunk are not used
+                dW1, dW2 = torch.zeros_like(W1), torch.zeros_like(W2)
+            dW1, dW2, dk, dv, deta, dla, dq = _write_backward(backend, W1, W2, k, v, eta, la, q, spec, dW1, dW2,
+                                                              do[i].unsqueeze(1), *kept)
+            chunk = slice(i * C, (i + 1) * C)
+            read.backward(z[:, :, :, chunk], W1, W2, readout, (None, None, dq.squeeze(1), None, None),
+                          (dk, dv, deta, dla), dW1, dW2, spec, dz[:, :, :, chunk], dreadout[i])
+        return dz, dW1, dW2, dreadout.sum((0, 1)), None, None, None
 
 
-def memory_pass(z, W1p, W2p, W1m, W2m, readout, spec: ReadSpec, backend: str, chunk_size: int) -> torch.Tensor:
-    """The main memory's read-out o [B, T, H, d] of a layer, both passes in one op (T % chunk_size == 0)."""
+def memory_pass(z, W1, W2, readout, spec: ReadSpec, backend: str, chunk_size: int) -> torch.Tensor:
+    """The main memory's read-out o [B, T, H, d] of a layer, both passes in one op."""
     if z.shape[3] % chunk_size or chunk_grad.padded_length(chunk_size, backend) != chunk_size:
         raise ValueError(f"memory_pass needs the sequence ({z.shape[3]}) to be a multiple of the chunk ({chunk_size}), "
                          f"and the {backend!r} backend to run that chunk unpadded")
-    return MemoryPass.apply(z, W1p, W2p, W1m, W2m, readout, spec, backend, chunk_size)
+    return MemoryPass.apply(z, W1, W2, readout, spec, backend, chunk_size)

@@ -54,9 +54,11 @@ def _gate_logits(read: torch.Tensor, readout: torch.Tensor):
 
 def read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     """k, v, q [B, H, rows, d] and eta, log alpha [B, H, rows] of the chunk z [B, 5, H, C, d] under
-    the states W1 [B, 5, H, d, m], W2 [B, 5, H, m, d]. Rows past C are padding: z = 0 there, and
-    eta = log alpha = 0, so that they write nothing."""
+    the states W1 [B, 5, H, d, m], W2 [B, 5, H, m, d] (or [B, 6, H, ...]: the main memory's after
+    them, not read). Rows past C are padding: z = 0 there, and eta = log alpha = 0, so that they
+    write nothing."""
     s, _ = activation(spec.act_name)
+    W1, W2 = W1[:, :5], W2[:, :5]
     valid = z.shape[-2]
     if rows > valid:
         z = F.pad(z, (0, 0, 0, rows - valid))
@@ -76,25 +78,27 @@ def read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: R
     """The adjoint of read_forward, into dz [B, 5, H, C, d] (any strides) and dreadout [B, 2, H, d + 1]
     (per batch row); the read's share of dW1, dW2 is added in place.
 
-    main_grads: dk, dv, dq [B, H, rows, d], deta, dla [B, H, rows] from the main pass; write_grads:
-    dk, dv, deta, dla per memory [B, 5, H, rows(, d)] from the five writes.
+    main_grads: dk, dv, dq [B, H, rows, d], deta, dla [B, H, rows] from the main pass (dk, dv, deta,
+    dla may be None: when the main memory is among the writes); write_grads: dk, dv, deta, dla per
+    memory [B, 5 or 6, H, rows(, d)] from the writes.
     """
     s, ds = activation(spec.act_name)
-    valid, rows = z.shape[-2], main_grads[-1].shape[-1]
+    W1, W2, dW1, dW2 = W1[:, :5], W2[:, :5], dW1[:, :5], dW2[:, :5]
+    valid, rows = z.shape[-2], write_grads[-1].shape[-1]
     if rows > valid:
         z = F.pad(z, (0, 0, 0, rows - valid))
     a = z @ W2.transpose(-1, -2)
     h = s(a)
     read = z + h @ W1.transpose(-1, -2)
-    dk, dv, dq, deta, dla = main_grads
-    dk_w, dv_w, deta_w, dla_w = (g.sum(1) for g in write_grads)
+    dq = main_grads[2]
+    dk, dv, deta, dla = (w.sum(1) if g is None else g + w.sum(1) for g, w in zip(main_grads[:2] + main_grads[3:], write_grads))
     dread = torch.empty_like(read)
-    dread[:, 0] = _unit_backward(read[:, 0], dk + dk_w, spec.eps)
-    dread[:, 1] = _unit_backward(read[:, 1], dv + dv_w, spec.eps) if spec.normalize_v else dv + dv_w
+    dread[:, 0] = _unit_backward(read[:, 0], dk, spec.eps)
+    dread[:, 1] = _unit_backward(read[:, 1], dv, spec.eps) if spec.normalize_v else dv
     dread[:, 2] = _unit_backward(read[:, 2], dq, spec.eps)
     sig = torch.sigmoid(_gate_logits(read, readout))
-    dlogits = torch.stack([(deta + deta_w) * spec.eta_max * sig[:, 0] * (1 - sig[:, 0]),
-                           (dla + dla_w) * (1 - sig[:, 1]) if spec.decay else torch.zeros_like(dla)], dim=1)
+    dlogits = torch.stack([deta * spec.eta_max * sig[:, 0] * (1 - sig[:, 0]),
+                           dla * (1 - sig[:, 1]) if spec.decay else torch.zeros_like(dla)], dim=1)
     if valid < rows:
         dlogits = dlogits.masked_fill(torch.arange(rows, device=z.device) >= valid, 0.0)
     dread[:, 3:] = dlogits[..., None] * readout[:, :, None, :-1]
@@ -116,23 +120,27 @@ def _triton_read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     gates = torch.empty(2, B, H, C, dtype=z.dtype, device=z.device)
     projection_read_fwd_kernel[(B * X * H,)](
         z, W1, W2, readout, kvq, gates, *z.stride()[:4], B, H, valid, spec.eta_max, spec.eps,
-        C=C, D=d, M=m, UNIT_V=spec.normalize_v, DECAY=spec.decay, PREC=chunk_grad.TRITON_PRECISION)
+        C=C, D=d, M=m, NS=W1.shape[1], UNIT_V=spec.normalize_v, DECAY=spec.decay, PREC=chunk_grad.TRITON_PRECISION)
     return (*kvq.unbind(0), *gates.unbind(0))
 
 
 def _triton_read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2, spec: ReadSpec, dz, dreadout):
     from .triton_projection import projection_read_bwd_kernel
     B, X, H, valid, d = z.shape
-    C = main_grads[-1].shape[-1]
+    C = write_grads[-1].shape[-1]
     m = W1.shape[-1]
     z = z if z.stride(-1) == 1 else z.contiguous()
     W1, W2, readout = W1.contiguous(), W2.contiguous(), readout.contiguous()
-    grads = [g.contiguous() for g in (*main_grads, *write_grads)]
+    main = [g if g is None else g.contiguous() for g in main_grads]
+    has_main = main[0] is not None
+    if not has_main:  # the main memory is among the writes: only dq (the others: placeholders, never read)
+        main = [main[2]] * 5
+    grads = [*main, *(g.contiguous() for g in write_grads)]
     assert dz.stride(-1) == 1 and dreadout.is_contiguous()
     projection_read_bwd_kernel[(B * X * H,)](
         z, W1, W2, readout, *grads, dW1, dW2, dz, dreadout, *z.stride()[:4], *dz.stride()[:4], B, H, valid,
-        spec.eta_max, spec.eps, C=C, D=d, M=m, UNIT_V=spec.normalize_v, DECAY=spec.decay,
-        PREC=chunk_grad.TRITON_PRECISION)
+        spec.eta_max, spec.eps, C=C, D=d, M=m, NS=W1.shape[1], WRITES=write_grads[0].shape[1], HAS_MAIN=has_main,
+        UNIT_V=spec.normalize_v, DECAY=spec.decay, PREC=chunk_grad.TRITON_PRECISION)
 
 
 class ReadBackend(NamedTuple):

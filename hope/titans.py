@@ -219,8 +219,8 @@ class SelfModifyingTitans(nn.Module):
         # or, when both passes chunk alike, one op for both passes (hope/memory_pass.py).
         fused = kernel != "reference" and self.adaptive == list(PROJECTION_MEMORIES)
         if fused and cache is None and Cp == Cm and T % Cm == 0 and padded_length(Cm, kernel) == Cm:
-            proj, main = self._initial_state(self.adaptive, B, dtype), self._initial_state(["memory"], B, dtype)
-            o = memory_pass(torch.stack([z[n] for n in self.adaptive], dim=1), proj.W1, proj.W2, main.W1, main.W2,
+            six = self._initial_state(self.adaptive + ["memory"], B, dtype)
+            o = memory_pass(torch.stack([z[n] for n in self.adaptive], dim=1), six.W1, six.W2,
                             self._readout_table(dtype), self._read_spec(), kernel, Cm)
             return self._output(o.to(x.dtype), x)
 

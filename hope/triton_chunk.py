@@ -67,6 +67,17 @@ def _offsets(n, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
+def _reader(p, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+    """Read-out kernels run one program per group of memories sharing k (p = its index, as nk):
+    the group's last memory reads q out (groups of one: every memory). Its index n, offsets, and
+    the offsets of the group's [C, m], [d, m], [m, d] tiles (the partial adjoints)."""
+    n = ((p // SH) * SX + SX - 1) * SH + p % SH
+    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+    _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(p, 1, 1, C, D, M)
+    return n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd
+
+
+@triton.jit
 def _recompute(w1, w2, k, vh, eta, la, TI, nk, rc, C: tl.constexpr, DGD: tl.constexpr, PREC: tl.constexpr):
     """The forward quantities of a chunk, from its start state (every kernel starts here)."""
     lg, lgp, G, Gp, lgC, strict = _gates(la, rc, C)
@@ -172,14 +183,15 @@ def chunk_fwd_kernel(W1, W2, K, V, ETA, LA, Q, TI, W1N, W2N, O,
     tl.store(W1N + dm, gC * w1 - _dot(tl.trans(r * DC[:, None]), h, PREC))
     tl.store(W2N + md, gC * w2 + _dot(tl.trans(coef2), k, PREC))
 
-    if HAS_Q:
-        g = tl.exp(lg)
-        Dm = G * eta[None, :]
-        q = tl.load(Q + cd)
-        qk, Y, z = _readout_z(q, k, w2, u, E, G, Dm, g, DGD, PREC)
-        hq = z * tl.sigmoid(z)
-        read = g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
-        tl.store(O + cd, q + read)
+    if HAS_Q:  # the group's last memory reads q out (groups of one: every memory)
+        if (n // SH) % SX == SX - 1:
+            g = tl.exp(lg)
+            Dm = G * eta[None, :]
+            q = tl.load(Q + kcd)
+            qk, Y, z = _readout_z(q, k, w2, u, E, G, Dm, g, DGD, PREC)
+            hq = z * tl.sigmoid(z)
+            read = g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
+            tl.store(O + kcd, q + read)
 
 
 @triton.jit
@@ -188,8 +200,7 @@ def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
                               SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t)."""
-    n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+    n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
     k = tl.load(K + kcd)
@@ -198,26 +209,26 @@ def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
         w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
-    qk, Y, z = _readout_z(tl.load(Q + cd), k, w2, u, E, G, Dm, g, DGD, PREC)
+    qk, Y, z = _readout_z(tl.load(Q + kcd), k, w2, u, E, G, Dm, g, DGD, PREC)
     sz = tl.sigmoid(z)
     hq = z * sz
-    do = tl.load(DO + cd)
+    do = tl.load(DO + kcd)
     X1 = g[:, None] * do
     dg = tl.sum(do * _dot(hq, tl.trans(w1), PREC), 1)
     dhq = _dot(X1, w1, PREC)
-    tl.store(DW1P + dm, _dot(tl.trans(X1), hq, PREC))
+    tl.store(DW1P + gdm, _dot(tl.trans(X1), hq, PREC))
     hh = _dot(hq, tl.trans(h), PREC)
     dP = -_dot(do, tl.trans(r), PREC)
-    tl.store(DRP + cd, -_dot(tl.trans(Dm * hh), do, PREC))
+    tl.store(DRP + kcd, -_dot(tl.trans(Dm * hh), do, PREC))
     dD = dP * hh
     dhh = dP * Dm
     dhq += _dot(dhh, h, PREC)
-    tl.store(DHP + cm, _dot(tl.trans(dhh), hq, PREC))
-    tl.store(DZ + cm, dhq * (sz * (1 + z * (1 - sz))))
+    tl.store(DHP + gcm, _dot(tl.trans(dhh), hq, PREC))
+    tl.store(DZ + gcm, dhq * (sz * (1 + z * (1 - sz))))
     # D = G * eta_j, G = exp(lg_t - lg_j): this half's gate adjoints, reduced to vectors
     dGG = dD * eta[None, :] * G
-    tl.store(DETAP + cv, tl.sum(dD * G, 0))
-    tl.store(DLGP + cv, tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
+    tl.store(DETAP + kcv, tl.sum(dD * G, 0))
+    tl.store(DLGP + kcv, tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
 
 
 @triton.jit
@@ -226,8 +237,7 @@ def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
                               SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
-    n = tl.program_id(0).to(tl.int64)
-    rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
+    n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
     k = tl.load(K + kcd)
@@ -236,33 +246,33 @@ def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
         w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
-    q = tl.load(Q + cd)
+    q = tl.load(Q + kcd)
     qk = _dot(q, tl.trans(k), PREC)
     Y = _dot(q, tl.trans(w2), PREC)
-    dz = tl.load(DZ + cm)
+    dz = tl.load(DZ + gcm)
     dg = tl.sum(dz * Y, 1)
     dY = g[:, None] * dz
-    dq = tl.load(DO + cd) + _dot(dY, w2, PREC)
-    tl.store(DW2P + md, _dot(tl.trans(dY), q, PREC))
+    dq = tl.load(DO + kcd) + _dot(dY, w2, PREC)
+    tl.store(DW2P + gmd, _dot(tl.trans(dY), q, PREC))
     dB1 = -_dot(dz, tl.trans(u), PREC)
-    tl.store(DUP + cm, -_dot(tl.trans(Dm * qk), dz, PREC))
+    tl.store(DUP + gcm, -_dot(tl.trans(Dm * qk), dz, PREC))
     dD = dB1 * qk
     dqk = dB1 * Dm
     if DGD:
         dB2 = _dot(dz, tl.trans(E), PREC)
-        tl.store(DEP + cm, _dot(tl.trans(G * qk), dz, PREC))
+        tl.store(DEP + gcm, _dot(tl.trans(G * qk), dz, PREC))
         dG = dB2 * qk
         dqk += dB2 * G
     else:
-        tl.store(DEP + cm, tl.zeros([C, M], dtype=tl.float32))
+        tl.store(DEP + gcm, tl.zeros([C, M], dtype=tl.float32))
         dG = tl.zeros([C, C], dtype=tl.float32)
-    tl.store(DQ + cd, dq + _dot(dqk, k, PREC))
-    tl.store(DKP + cd, _dot(tl.trans(dqk), q, PREC))
+    tl.store(DQ + kcd, dq + _dot(dqk, k, PREC))
+    tl.store(DKP + kcd, _dot(tl.trans(dqk), q, PREC))
     dG += dD * eta[None, :]
     dGG = dG * G
     # add this half's gate adjoints to the first half's
-    tl.store(DETAP + cv, tl.load(DETAP + cv) + tl.sum(dD * G, 0))
-    tl.store(DLGP + cv, tl.load(DLGP + cv) + tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
+    tl.store(DETAP + kcv, tl.load(DETAP + kcv) + tl.sum(dD * G, 0))
+    tl.store(DLGP + kcv, tl.load(DLGP + kcv) + tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
 
 
 @triton.jit
@@ -291,24 +301,25 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
     dw2n = tl.load(DW2N + md)
     dw1 = gC * dw1n
     dw2 = gC * dw2n
-    if HAS_Q:  # partial adjoints of the read-out
-        dw1 += tl.load(DW1P + dm)
-        dw2 += tl.load(DW2P + md)
-        dk = tl.load(DKP + cd)
-        dr = tl.load(DRP + cd)
-        dh = tl.load(DHP + cm)
-        du = tl.load(DUP + cm)
-        dE = tl.load(DEP + cm)
-        deta = tl.load(DETAP + cv)
-        dlg = tl.load(DLGP + cv)
-    else:
-        dk = tl.zeros([C, D], dtype=tl.float32)
-        dr = tl.zeros([C, D], dtype=tl.float32)
-        dh = tl.zeros([C, M], dtype=tl.float32)
-        du = tl.zeros([C, M], dtype=tl.float32)
-        dE = tl.zeros([C, M], dtype=tl.float32)
-        deta = tl.zeros([C], dtype=tl.float32)
-        dlg = tl.zeros([C], dtype=tl.float32)
+    dk = tl.zeros([C, D], dtype=tl.float32)
+    dr = tl.zeros([C, D], dtype=tl.float32)
+    dh = tl.zeros([C, M], dtype=tl.float32)
+    du = tl.zeros([C, M], dtype=tl.float32)
+    dE = tl.zeros([C, M], dtype=tl.float32)
+    deta = tl.zeros([C], dtype=tl.float32)
+    dlg = tl.zeros([C], dtype=tl.float32)
+    if HAS_Q:  # partial adjoints of the read-out, for the memory of the group that reads q out
+        if (n // SH) % SX == SX - 1:
+            _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(nk, 1, 1, C, D, M)
+            dw1 += tl.load(DW1P + gdm)
+            dw2 += tl.load(DW2P + gmd)
+            dk += tl.load(DKP + kcd)
+            dr += tl.load(DRP + kcd)
+            dh += tl.load(DHP + gcm)
+            du += tl.load(DUP + gcm)
+            dE += tl.load(DEP + gcm)
+            deta += tl.load(DETAP + kcv)
+            dlg += tl.load(DLGP + kcv)
 
     # ---- chunk-end state: W2n = gC W2 + coef2^T k ; W1n = gC W1 - (r*D_C)^T h
     coef2 = -DC[:, None] * u

@@ -8,10 +8,11 @@ w_eta + b_eta); alpha: log sigmoid(read . w_alpha + b_alpha) (0 without decay). 
 padding tokens (rows >= VALID) are 0: they write nothing. hope/projection_step.py has the same math
 in PyTorch (`read_forward`, `read_backward`), the reference these kernels are tested against.
 
-The backward adds, per memory, the gradients that reach k, v, eta, alpha from the five writes (per
-memory, summed here instead of by five PyTorch ops) to those from the main pass, differentiates
-the read-out, then the read (its share of dW1, dW2 is added in place), and writes dz and the
-read-out weights' per-batch partial gradients.
+The backward sums, per memory, the gradients that reach k, v, eta, alpha from the writes (per
+memory: the five, or six with the main memory's, summed here instead of by PyTorch ops) and
+from the main pass, differentiates the read-out, then the read (its share of dW1, dW2 is added in
+place), and writes dz and the read-out weights' per-batch partial gradients. The states may hold
+the main memory as a sixth (NS = 6): hope/memory_pass.py runs all six memories' writes as one.
 """
 from __future__ import annotations
 
@@ -22,26 +23,29 @@ MEMORIES = tl.constexpr(5) if tl is not None else 5  # k, v, q, eta, alpha (a gl
 
 @triton.jit
 def _program(Z, sZb, sZx, sZh, sZc, W1, W2, H, VALID, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-             PREC: tl.constexpr):
-    """Program n's (b, x, h), its chunk z (rows >= VALID read as 0), state, and the read M_c(z)."""
+             NS: tl.constexpr, PREC: tl.constexpr):
+    """Program n's (b, x, h), its chunk z (rows >= VALID read as 0), the index of its state in
+    W1, W2 [B, NS, H, ...] (the five memories, then the main memory if NS = 6), and the read M_c(z)."""
     n = tl.program_id(0).to(tl.int64)
     h, x, b = n % H, (n // H) % MEMORIES, n // (MEMORIES * H)
+    ns = (b * NS + x) * H + h
     rc, rd, rm = tl.arange(0, C), tl.arange(0, D), tl.arange(0, M)
     z = tl.load(Z + b * sZb + x * sZx + h * sZh + rc[:, None] * sZc + rd[None, :], mask=rc[:, None] < VALID, other=0.0)
-    w1 = tl.load(W1 + n * D * M + rd[:, None] * M + rm[None, :])
-    w2 = tl.load(W2 + n * M * D + rm[:, None] * D + rd[None, :])
+    w1 = tl.load(W1 + ns * D * M + rd[:, None] * M + rm[None, :])
+    w2 = tl.load(W2 + ns * M * D + rm[:, None] * D + rd[None, :])
     a = _dot(z, tl.trans(w2), PREC)
     sa = tl.sigmoid(a)
     read = z + _dot(a * sa, tl.trans(w1), PREC)
-    return n, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read
+    return ns, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read
 
 
 @triton.jit
 def projection_read_fwd_kernel(Z, W1, W2, RO, KVQ, GATES, sZb, sZx, sZh, sZc, B, H, VALID, ETA_MAX, EPS,
-                               C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, UNIT_V: tl.constexpr,
-                               DECAY: tl.constexpr, PREC: tl.constexpr):
+                               C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, NS: tl.constexpr,
+                               UNIT_V: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
     """KVQ [3, B, H, C, D]: k, v, q; GATES [2, B, H, C]: eta, log alpha."""
-    n, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read = _program(Z, sZb, sZx, sZh, sZc, W1, W2, H, VALID, C, D, M, PREC)
+    ns, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read = _program(Z, sZb, sZx, sZh, sZc, W1, W2, H, VALID, C, D, M, NS,
+                                                               PREC)
     if x < 3:
         y = read / tl.maximum(tl.sqrt(tl.sum(read * read, 1)), EPS)[:, None]
         if not UNIT_V:
@@ -63,25 +67,30 @@ def projection_read_fwd_kernel(Z, W1, W2, RO, KVQ, GATES, sZb, sZx, sZh, sZc, B,
 @triton.jit
 def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W, DETA_W, DLA_W, DW1, DW2, DZ, DRO,
                                sZb, sZx, sZh, sZc, sDb, sDx, sDh, sDc, B, H, VALID, ETA_MAX, EPS,
-                               C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, UNIT_V: tl.constexpr,
+                               C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, NS: tl.constexpr,
+                               WRITES: tl.constexpr, HAS_MAIN: tl.constexpr, UNIT_V: tl.constexpr,
                                DECAY: tl.constexpr, PREC: tl.constexpr):
-    """DK, DV, DQ [B, H, C, D], DETA, DLA [B, H, C]: gradients from the main pass; DK_W ... DLA_W
-    [B, 5, H, C(, D)]: from the five writes, per memory. DW1, DW2: the writes' state gradients, to
-    which the read's share is added. Out: DZ [B, 5, H, VALID, D] (strides sD*); DRO [B, 2, H, D + 1]."""
-    n, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read = _program(Z, sZb, sZx, sZh, sZc, W1, W2, H, VALID, C, D, M, PREC)
+    """DK_W, DV_W, DETA_W, DLA_W [B, WRITES, H, C(, D)]: the gradients from the memories' writes,
+    per memory; with HAS_MAIN also DK, DV, DETA, DLA [B, H, C(, D)] from the main pass; DQ [B, H,
+    C, D]. DW1, DW2: the writes' state gradients, to which the read's share is added. Out: DZ
+    [B, 5, H, VALID, D] (strides sD*); DRO [B, 2, H, D + 1]."""
+    ns, h, x, b, rc, rd, rm, z, w1, w2, a, sa, read = _program(Z, sZb, sZx, sZh, sZc, W1, W2, H, VALID, C, D, M, NS,
+                                                               PREC)
     cd = rc[:, None] * D + rd[None, :]
     bh = b * H + h
-    written = (b * MEMORIES * H + h) * C  # row offset of memory 0's writes of (b, h); memory i: + i * H * C
+    written = (b * WRITES * H + h) * C  # row offset of memory 0's writes of (b, h); memory i: + i * H * C
     dread = tl.zeros([C, D], dtype=tl.float32)
     if x < 3:  # k, v, q: unit rows y = read / |read| (v: optionally)
         dy = tl.zeros([C, D], dtype=tl.float32)
         if x == 0:
-            dy += tl.load(DK + bh * C * D + cd)
-            for i in tl.static_range(MEMORIES):
+            if HAS_MAIN:
+                dy += tl.load(DK + bh * C * D + cd)
+            for i in tl.static_range(WRITES):
                 dy += tl.load(DK_W + (written + i * H * C) * D + cd)
         if x == 1:
-            dy += tl.load(DV + bh * C * D + cd)
-            for i in tl.static_range(MEMORIES):
+            if HAS_MAIN:
+                dy += tl.load(DV + bh * C * D + cd)
+            for i in tl.static_range(WRITES):
                 dy += tl.load(DV_W + (written + i * H * C) * D + cd)
         if x == 2:
             dy += tl.load(DQ + bh * C * D + cd)
@@ -99,13 +108,15 @@ def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W,
         sg = tl.sigmoid(tl.sum(read * w[None, :], 1) + tl.load(ro + D))
         dgate = tl.zeros([C], dtype=tl.float32)
         if x == 3:
-            dgate += tl.load(DETA + bh * C + rc)
-            for i in tl.static_range(MEMORIES):
+            if HAS_MAIN:
+                dgate += tl.load(DETA + bh * C + rc)
+            for i in tl.static_range(WRITES):
                 dgate += tl.load(DETA_W + written + i * H * C + rc)
             ds = dgate * ETA_MAX * sg * (1 - sg)
         else:
-            dgate += tl.load(DLA + bh * C + rc)
-            for i in tl.static_range(MEMORIES):
+            if HAS_MAIN:
+                dgate += tl.load(DLA + bh * C + rc)
+            for i in tl.static_range(WRITES):
                 dgate += tl.load(DLA_W + written + i * H * C + rc)
             ds = dgate * (1 - sg)
             if not DECAY:
@@ -117,8 +128,8 @@ def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W,
         tl.store(dro + D, tl.sum(ds, 0))
 
     # the read M_c(z) = z + W1 silu(W2 z)
-    dm = n * D * M + rd[:, None] * M + rm[None, :]
-    md = n * M * D + rm[:, None] * D + rd[None, :]
+    dm = ns * D * M + rd[:, None] * M + rm[None, :]
+    md = ns * M * D + rm[:, None] * D + rd[None, :]
     tl.store(DW1 + dm, tl.load(DW1 + dm) + _dot(tl.trans(dread), a * sa, PREC))
     da = _dot(dread, w1, PREC) * (sa * (1 + a * (1 - sa)))
     tl.store(DW2 + md, tl.load(DW2 + md) + _dot(tl.trans(da), z, PREC))

@@ -272,12 +272,12 @@ def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
 
 @needs_triton
 def test_triton_layer_launches_per_chunk_step():
-    """A whole HOPE layer, forward and backward, per chunk step of both passes: the projection
-    step's kernels and the main memory's, one inverse shared by both (hope/memory_pass.py)."""
+    """A whole HOPE layer, forward and backward, per chunk step of both passes: the read, one
+    inverse, and each write kernel once for all six memories (hope/memory_pass.py)."""
     bench = load_tool("bench_chunk")
     cfg = small_hope("triton", hidden_size=64, num_heads=4, chunk_size=16, projection_chunk_size=16).config
     launches = bench.layer_launches_per_chunk(cfg, "triton")
-    assert launches <= 12, launches
+    assert launches <= 8, launches
     assert bench.layer_launches_per_chunk(cfg, "reference") > 300  # the counter sees the ops
 
 

@@ -55,7 +55,7 @@ def main():
     p.add_argument("--kernels", default=",".join(KERNELS))
     args = p.parse_args()
     n = args.size
-    constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, TARGETS=True, UNIT_V=True, DECAY=True,
+    constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, TARGETS=True, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=True, DECAY=True,
                      PREC=args.precision)
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps")
