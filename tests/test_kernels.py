@@ -312,11 +312,14 @@ def test_compiled_op_on_gpu_against_float64(C, d, m, with_q):
 
 @gpu
 @needs_cuda
-def test_bf16_model_with_compiled_op_tracks_reference():
-    ids = torch.randint(0, 97, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
+@pytest.mark.parametrize("kernel", ["compiled", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("length", [200, 256])
+def test_bf16_model_with_fused_kernels_tracks_reference(kernel, length):
+    """200 tokens: an op per chunk and pass; 256: both passes in one op (hope/memory_pass.py)."""
+    ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(0)).cuda()
     fields = dict(hidden_size=128, num_heads=2, chunk_size=64, projection_chunk_size=64)
     ref = small_hope("reference", **fields).cuda().to(torch.bfloat16)
-    fast = small_hope("compiled", **fields).cuda().to(torch.bfloat16)
+    fast = small_hope(kernel, **fields).cuda().to(torch.bfloat16)
     ref_loss, ref_grads = loss_and_grads(ref, ids)
     loss, grads = loss_and_grads(fast, ids)
     assert abs(loss.float() - ref_loss.float()) < 1e-2

@@ -2,6 +2,7 @@
 
     python tools/bench_chunk.py --size 340M --batch 4 --device cuda
     python tools/bench_chunk.py --size 340M --layer     # + launches of a whole layer per chunk step
+    python tools/bench_chunk.py --size 340M --host      # + the host work around those launches
 
 Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
 backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels
@@ -94,10 +95,13 @@ def count_launches(fn, xs) -> tuple[int, int]:
         with counter:
             outs = [o for o in fn(*xs) if o is not None]
         if not xs:  # a model: backward into its parameters
-            xs, outs = None, [sum(o.sum() for o in outs)]
-        ones = [torch.ones_like(o) for o in outs]  # the upstream gradients are not the op's launches
-        with counter:
-            torch.autograd.backward(outs, ones, inputs=None if xs is None else [x for x in xs if x is not None])
+            loss = sum(o.sum() for o in outs)
+            with counter:
+                loss.backward()
+        else:  # gradients returned, not added into .grad (that would count an add per input)
+            ones = [torch.ones_like(o) for o in outs]  # the upstream gradients are not the op's launches
+            with counter:
+                torch.autograd.grad(outs, [x for x in xs if x is not None], ones)
     finally:
         for kernel in kernels:
             del kernel.run
@@ -116,6 +120,38 @@ def layer_launches_per_chunk(size: str | HopeConfig, kernel: str) -> float:
         ids = torch.randint(0, 256, (1, chunks * cfg.chunk_size))
         counts.append(sum(count_launches(lambda: (model(ids, labels=ids).loss,), [])))
     return (counts[1] - counts[0]) / 2
+
+
+def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
+    """Host time per chunk step of a layer's memory op (hope/memory_pass.py, Triton path), forward
+    and backward, with every Triton launch replaced by a no-op: the Python and PyTorch work this
+    code adds around its launches (the launches' own host cost is Triton's and the driver's). It
+    does not depend on the shapes; tiny ones (one head of 16) keep CPU arithmetic out of it."""
+    from hope import triton_chunk, triton_projection
+    from hope.memory_pass import memory_pass
+    from hope.projection_step import ReadSpec
+    batch, H, d, m, C = 1, 1, 16, 16, 16
+    spec = ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets)
+    kernels = [getattr(module, n) for module in (triton_chunk, triton_projection) for n in dir(module)
+               if n.endswith("_kernel")]
+    for kernel in kernels:
+        kernel.run = lambda *args, **kwargs: None
+    try:
+        times = []
+        for chunks in (4, 36):
+            z = torch.zeros(batch, 5, H, chunks * C, d, requires_grad=True)
+            W1, W2 = (torch.zeros(batch, 6, H, *shape, requires_grad=True) for shape in ((d, m), (m, d)))
+            readout = torch.zeros(2, H, d + 1, requires_grad=True)
+            best = float("inf")
+            for _ in range(reps):
+                start = time.perf_counter()
+                memory_pass(z, W1, W2, readout, spec, "triton", C).sum().backward()
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+    finally:
+        for kernel in kernels:
+            del kernel.run
+    return (times[1] - times[0]) / 32 * 1e6
 
 
 def time_it(fn, xs, device, reps: int) -> float:
@@ -140,6 +176,7 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="also the compiled op on CPU (always on CUDA)")
     p.add_argument("--layer", action="store_true", help="also count a whole layer's launches per chunk step")
+    p.add_argument("--host", action="store_true", help="also time the host work per chunk step, launches stubbed out")
     args = p.parse_args()
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{args.size}.yaml")
     C, d, m, H = cfg.chunk_size, cfg.head_dim, cfg.memory_width, cfg.num_heads
@@ -177,6 +214,11 @@ def main():
         print("one layer, forward + backward, per chunk step of both passes (CPU, batch 1):")
         for kernel in ("reference", "torch", "triton"):
             print(f"  {kernel:28s} {layer_launches_per_chunk(args.size, kernel):6.0f} launches", flush=True)
+    if args.host:
+        us = host_us_per_chunk_step(cfg)
+        print(f"host work per chunk step of a layer around its 8 launches (hope/memory_pass.py, Triton launches "
+              f"stubbed out): {us:.0f} us; x {cfg.num_layers} layers x {2048 // C} chunks = "
+              f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ part() {  # part NAME SECONDS COMMAND...
 
 THROUGHPUT=(python3 tools/bench_throughput.py --sizes 340M --seqs 2048 --micro-batch 4
             --checkpoint-layers off --steps 3 --warmup 2)
-part gpu-tests 180 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider
-part bench-chunk 90 python3 tools/bench_chunk.py --size 340M --batch 4
+part gpu-tests 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_projection_step.py -p no:cacheprovider
+part bench-chunk 80 python3 tools/bench_chunk.py --size 340M --batch 4
 part throughput-triton 150 "${THROUGHPUT[@]}" --set memory_kernel=triton --json "$OUT/triton.json"
-part throughput-compiled 150 "${THROUGHPUT[@]}" --set memory_kernel=compiled --json "$OUT/compiled.json"
+part throughput-compiled 140 "${THROUGHPUT[@]}" --set memory_kernel=compiled --json "$OUT/compiled.json"

@@ -31,8 +31,8 @@ from hope import HopeConfig, HopeForCausalLM
 
 from .checkpoint import LATEST, fsync_tree, tag_for, write_atomic
 
-MODELING_FILES = ("config.py", "layers.py", "memory.py", "chunk_grad.py", "triton_chunk.py", "projection_step.py", "memory_pass.py",
-                  "triton_projection.py", "titans.py", "modeling_hope.py")
+MODELING_FILES = ("config.py", "layers.py", "memory.py", "chunk_grad.py", "triton_chunk.py", "projection_step.py",
+                  "triton_projection.py", "memory_pass.py", "titans.py", "modeling_hope.py")
 AUTO_MAP = {
     "AutoConfig": "config.HopeConfig",
     "AutoModel": "modeling_hope.HopeModel",
