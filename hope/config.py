@@ -69,7 +69,8 @@ class HopeConfig(PretrainedConfig):
         alpha_init: float = 0.98,  # initial retention (1 = no decay)
         momentum_init: float = 0.9,
         output_gate: bool = True,
-        memory_kernel: str = "auto",  # auto | reference | torch | compiled (MEMORY_KERNELS above)
+        memory_kernel: str = "auto",  # auto | reference | torch | compiled | triton (MEMORY_KERNELS above)
+        memory_cuda_graphs: bool = False,  # triton: each layer's chunk loops as CUDA graphs (hope/memory_pass.py)
         # --- continuum memory system (section 3): one residual SwiGLU MLP per level ---
         cms_hidden_sizes: tuple[int, ...] | list[int] = (2816,),
         cms_periods: tuple[int, ...] | list[int] = (0,),  # tokens between updates; 0 = every step
@@ -108,6 +109,7 @@ class HopeConfig(PretrainedConfig):
         self.momentum_init = momentum_init
         self.output_gate = output_gate
         self.memory_kernel = memory_kernel
+        self.memory_cuda_graphs = memory_cuda_graphs
         self.cms_hidden_sizes = list(cms_hidden_sizes)
         self.cms_periods = list(cms_periods)
         self.rope_theta = rope_theta
@@ -177,6 +179,12 @@ class HopeConfig(PretrainedConfig):
             if not (pow2(self.head_dim) and pow2(self.memory_width)):
                 fail("memory_kernel", f"the Triton kernels need head_dim and memory width that are powers of two >= 16, "
                      f"got {self.head_dim} and {self.memory_width}")
+        if self.memory_cuda_graphs and (self.memory_kernel != "triton" or self.chunk_size != self.projection_chunk_size
+                                        or list(self.adaptive) != list(PROJECTION_MEMORIES)):
+            fail("memory_cuda_graphs", "the chunk loops run as CUDA graphs with memory_kernel: triton, chunk_size equal "
+                 f"to projection_chunk_size and all of {list(PROJECTION_MEMORIES)} adaptive; got memory_kernel="
+                 f"{self.memory_kernel!r}, chunk sizes {self.chunk_size}/{self.projection_chunk_size}, "
+                 f"adaptive={self.adaptive!r}")
         unknown = [a for a in self.adaptive if a not in PROJECTION_MEMORIES]
         if unknown or len(set(self.adaptive)) != len(self.adaptive):
             fail("adaptive", f"expected distinct names from {list(PROJECTION_MEMORIES)}, got {self.adaptive!r}")

@@ -48,54 +48,125 @@ def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n
     return [torch.cat([a, b], dim=1) for a, b in zip(five[:6], main[:6])] + [main[6]]
 
 
+def _forward_loop(z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
+    """(o [B, T, H, d], the tensors the backward needs) of both passes over the chunks."""
+    read = _read_implementation(backend)
+    B, _, H, T, d = z.shape
+    saved, outputs = [], []
+    for s in range(0, T, C):
+        k, v, q, eta, la = read.forward(z[:, :, :, s:s + C], W1, W2, readout, spec, C)
+        W1n, W2n, o, *kept = _write(backend, W1, W2, k, v, eta, la, q, spec)
+        saved += [W1, W2, k, v, q, eta, la, *kept]
+        outputs.append(o)
+        W1, W2 = W1n, W2n
+    o = z.new_empty(B, T, H, d)  # token-major, as the layer's output norm wants it
+    o.view(B, T // C, C, H, d).copy_(torch.cat(outputs, dim=1).transpose(2, 3))
+    return o, saved
+
+
+def _backward_loop(z, readout, saved, do, spec: ReadSpec, backend: str, C: int):
+    """(dz, dW1, dW2, dreadout): the chunks in reverse, the state gradients carried by hand."""
+    read = _read_implementation(backend)
+    B, X, H, T, d = z.shape
+    n = T // C
+    per_chunk = len(saved) // n
+    do = do.reshape(B, n, C, H, d).permute(1, 0, 3, 2, 4).contiguous()  # [n, B, H, C, d]: chunk-major
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    dreadout = torch.empty(n, B, *readout.shape, dtype=z.dtype, device=z.device)
+    dW1 = dW2 = None
+    for i in reversed(range(n)):
+        W1, W2, k, v, q, eta, la, *kept = saved[i * per_chunk:(i + 1) * per_chunk]
+        if dW1 is None:  # the states after the last chunk are not used
+            dW1, dW2 = torch.zeros_like(W1), torch.zeros_like(W2)
+        dW1, dW2, dk, dv, deta, dla, dq = _write_backward(backend, W1, W2, k, v, eta, la, q, spec, dW1, dW2,
+                                                          do[i].unsqueeze(1), *kept)
+        chunk = slice(i * C, (i + 1) * C)
+        read.backward(z[:, :, :, chunk], W1, W2, readout, (None, None, dq.squeeze(1), None, None),
+                      (dk, dv, deta, dla), dW1, dW2, spec, dz[:, :, :, chunk], dreadout[i])
+    return dz, dW1, dW2, dreadout.sum((0, 1))
+
+
+class CudaGraphs:
+    """CUDA graphs of one layer's memory pass, forward and backward, one pair per input shape
+    (`memory_cuda_graphs`, with the Triton kernels, while training on CUDA).
+
+    The chunk loops are a fixed sequence of launches on tensors whose shapes follow the input's,
+    so each loop is captured once and then replayed: one launch of the graph instead of the host
+    work of 8 launches per chunk step (bench_chunk.py --host). Inputs are copied into the graph's
+    own tensors and outputs cloned out of them: the next replay overwrites them. The forward's
+    saved tensors stay in the graph's memory between steps.
+    """
+
+    def __init__(self):
+        self.graphs: dict = {}
+
+    def forward(self, z, W1, W2, readout, spec: ReadSpec, C: int):
+        key = (tuple(z.shape), tuple(W1.shape), tuple(W2.shape), z.device, spec, C)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(z, W1, W2, readout, spec, C)
+        graphed = self.graphs[key]
+        for static, x in zip(graphed["inputs"], (z, W1, W2, readout)):
+            static.copy_(x)
+        graphed["forward"].replay()
+        return graphed["o"].clone(), key
+
+    def backward(self, key, do):
+        graphed = self.graphs[key]
+        graphed["do"].copy_(do)
+        graphed["backward"].replay()
+        return [g.clone() for g in graphed["grads"]]
+
+    @staticmethod
+    def _capture(z, W1, W2, readout, spec: ReadSpec, C: int) -> dict:
+        inputs = [x.detach().clone(memory_format=torch.contiguous_format) for x in (z, W1, W2, readout)]
+        # One eager run first, on a side stream as torch.cuda.graph asks: Triton compiles at first launch.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            o, saved = _forward_loop(*inputs, spec, "triton", C)
+            _backward_loop(inputs[0], inputs[3], saved, torch.ones_like(o), spec, "triton", C)
+        torch.cuda.current_stream().wait_stream(side)
+        del o, saved
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(forward):
+            o, saved = _forward_loop(*inputs, spec, "triton", C)
+        do = torch.empty_like(o)
+        with torch.cuda.graph(backward, pool=forward.pool()):
+            grads = _backward_loop(inputs[0], inputs[3], saved, do, spec, "triton", C)
+        return dict(inputs=inputs, forward=forward, o=o, saved=saved, do=do, backward=backward, grads=grads)
+
+
 class MemoryPass(torch.autograd.Function):
     """(z [B, 5, H, T, d], states W1, W2 [B, 6, H, ...] (the five projection memories', then the
     main memory's), readout [2, H, d + 1]) -> the main memory's read-out o [B, T, H, d]."""
 
     @staticmethod
-    def forward(ctx, z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
-        read = _read_implementation(backend)
-        B, _, H, T, d = z.shape
-        saved, outputs = [], []
-        for s in range(0, T, C):
-            k, v, q, eta, la = read.forward(z[:, :, :, s:s + C], W1, W2, readout, spec, C)
-            W1n, W2n, o, *kept = _write(backend, W1, W2, k, v, eta, la, q, spec)
-            saved += [W1, W2, k, v, q, eta, la, *kept]
-            outputs.append(o)
-            W1, W2 = W1n, W2n
+    def forward(ctx, z, W1, W2, readout, spec: ReadSpec, backend: str, C: int, graphs: CudaGraphs | None):
+        ctx.spec, ctx.backend, ctx.C, ctx.graphs = spec, backend, C, graphs
+        if graphs is not None:
+            o, ctx.key = graphs.forward(z, W1, W2, readout, spec, C)
+            return o
+        o, saved = _forward_loop(z, W1, W2, readout, spec, backend, C)
         ctx.save_for_backward(z, readout, *saved)
-        ctx.spec, ctx.backend, ctx.C = spec, backend, C
-        o = z.new_empty(B, T, H, d)  # token-major, as the layer's output norm wants it
-        o.view(B, T // C, C, H, d).copy_(torch.cat(outputs, dim=1).transpose(2, 3))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        z, readout, *saved = ctx.saved_tensors
-        spec, backend, C = ctx.spec, ctx.backend, ctx.C
-        read = _read_implementation(backend)
-        B, X, H, T, d = z.shape
-        n = T // C
-        per_chunk = len(saved) // n
-        do = do.reshape(B, n, C, H, d).permute(1, 0, 3, 2, 4).contiguous()  # [n, B, H, C, d]: chunk-major
-        dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        dreadout = torch.empty(n, B, *readout.shape, dtype=z.dtype, device=z.device)
-        dW1 = dW2 = None
-        for i in reversed(range(n)):
-            W1, W2, k, v, q, eta, la, *kept = saved[i * per_chunk:(i + 1) * per_chunk]
-            if dW1 is None:  # the states after the last chunk are not used
-                dW1, dW2 = torch.zeros_like(W1), torch.zeros_like(W2)
-            dW1, dW2, dk, dv, deta, dla, dq = _write_backward(backend, W1, W2, k, v, eta, la, q, spec, dW1, dW2,
-                                                              do[i].unsqueeze(1), *kept)
-            chunk = slice(i * C, (i + 1) * C)
-            read.backward(z[:, :, :, chunk], W1, W2, readout, (None, None, dq.squeeze(1), None, None),
-                          (dk, dv, deta, dla), dW1, dW2, spec, dz[:, :, :, chunk], dreadout[i])
-        return dz, dW1, dW2, dreadout.sum((0, 1)), None, None, None
+        if ctx.graphs is not None:
+            grads = ctx.graphs.backward(ctx.key, do)
+        else:
+            z, readout, *saved = ctx.saved_tensors
+            grads = _backward_loop(z, readout, saved, do, ctx.spec, ctx.backend, ctx.C)
+        return (*grads, None, None, None, None)
 
 
-def memory_pass(z, W1, W2, readout, spec: ReadSpec, backend: str, chunk_size: int) -> torch.Tensor:
-    """The main memory's read-out o [B, T, H, d] of a layer, both passes in one op."""
+def memory_pass(z, W1, W2, readout, spec: ReadSpec, backend: str, chunk_size: int,
+                graphs: CudaGraphs | None = None) -> torch.Tensor:
+    """The main memory's read-out o [B, T, H, d] of a layer, both passes in one op; with `graphs`
+    (Triton on CUDA), its loops run as CUDA graphs."""
     if z.shape[3] % chunk_size or chunk_grad.padded_length(chunk_size, backend) != chunk_size:
         raise ValueError(f"memory_pass needs the sequence ({z.shape[3]}) to be a multiple of the chunk ({chunk_size}), "
                          f"and the {backend!r} backend to run that chunk unpadded")
-    return MemoryPass.apply(z, W1, W2, readout, spec, backend, chunk_size)
+    if graphs is not None and not (backend == "triton" and z.is_cuda):
+        raise ValueError(f"CUDA graphs of the memory pass need the Triton kernels on CUDA, got {backend!r} on {z.device}")
+    return MemoryPass.apply(z, W1, W2, readout, spec, backend, chunk_size, graphs)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .config import PROJECTION_MEMORIES, HopeConfig
 from .layers import CausalDepthwiseConv, RMSNorm, unit_rows
 from .chunk_grad import fused_chunk_update, padded_length
-from .memory_pass import memory_pass
+from .memory_pass import CudaGraphs, memory_pass
 from .projection_step import ReadSpec, projection_step
 from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
 
@@ -80,6 +80,7 @@ class SelfModifyingTitans(nn.Module):
         self.out_norm = RMSNorm(d, config.rms_norm_eps)
         self.gate_proj = nn.Linear(D, D, bias=False) if config.output_gate else None
         self.o_proj = nn.Linear(D, D, bias=False)
+        self.cuda_graphs = CudaGraphs() if config.memory_cuda_graphs else None  # captured at first use
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -220,8 +221,9 @@ class SelfModifyingTitans(nn.Module):
         fused = kernel != "reference" and self.adaptive == list(PROJECTION_MEMORIES)
         if fused and cache is None and Cp == Cm and T % Cm == 0 and padded_length(Cm, kernel) == Cm:
             six = self._initial_state(self.adaptive + ["memory"], B, dtype)
+            graphs = self.cuda_graphs if x.is_cuda and torch.is_grad_enabled() else None
             o = memory_pass(torch.stack([z[n] for n in self.adaptive], dim=1), six.W1, six.W2,
-                            self._readout_table(dtype), self._read_spec(), kernel, Cm)
+                            self._readout_table(dtype), self._read_spec(), kernel, Cm, graphs)
             return self._output(o.to(x.dtype), x)
 
         # Pass 1: the projection memories, chunk by chunk: k, v, q, eta, log alpha of each chunk.

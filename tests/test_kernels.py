@@ -174,6 +174,20 @@ def test_config_refuses_momentum_with_the_fused_op():
         HopeConfig(hidden_size=48, num_heads=4, memory_kernel="triton").validate()
 
 
+def test_cuda_graphs_need_the_triton_memory_pass():
+    from hope.config import ModelConfigError
+    from hope.memory_pass import CudaGraphs, memory_pass
+    from hope.projection_step import ReadSpec
+    for fields in (dict(memory_kernel="compiled"), dict(memory_kernel="triton", projection_chunk_size=32),
+                   dict(memory_kernel="triton", adaptive=["k", "v"])):
+        with pytest.raises(ModelConfigError, match="memory_cuda_graphs"):
+            HopeConfig(memory_cuda_graphs=True, **fields).validate()
+    HopeConfig(memory_cuda_graphs=True, memory_kernel="triton").validate()
+    z, W = torch.zeros(1, 5, 1, 32, 16), torch.zeros(1, 6, 1, 16, 16)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        memory_pass(z, W, W, torch.zeros(2, 1, 17), ReadSpec(1.0, True, True, True, True), "triton", 16, CudaGraphs())
+
+
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -325,6 +339,29 @@ def test_bf16_model_with_fused_kernels_tracks_reference(kernel, length):
     assert abs(loss.float() - ref_loss.float()) < 1e-2
     for name, g in ref_grads.items():
         assert (grads[name].float() - g.float()).norm() <= 5e-2 * g.float().norm() + 1e-6, name
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cuda_graphs_replay_the_memory_pass(checkpointing):
+    """memory_cuda_graphs: captured at the first step, replayed after; the same loss and gradients
+    as the eager Triton loops, step after step (with layer checkpointing too)."""
+    fields = dict(hidden_size=128, num_heads=2, num_layers=2, chunk_size=64, projection_chunk_size=64,
+                  gradient_checkpointing_layers=checkpointing)
+    eager = small_hope("triton", **fields).cuda().train()
+    graphed = small_hope("triton", memory_cuda_graphs=True, **fields).cuda().train()
+    for step in range(3):
+        ids = torch.randint(0, 97, (2, 256), generator=torch.Generator().manual_seed(step)).cuda()
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+        loss, grads = loss_and_grads(eager, ids)
+        graphed_loss, graphed_grads = loss_and_grads(graphed, ids)
+        assert abs(graphed_loss - loss) < 1e-6, step
+        for name, g in grads.items():
+            assert (graphed_grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-9, (step, name)
+    assert all(len(layer.mixer.cuda_graphs.graphs) == 1 for layer in graphed.model.layers)
 
 
 @needs_triton

@@ -2,8 +2,11 @@
 # One GPU session's checks and measurements of the chunk kernels (issue 8), as one script that
 # fits one device call (10 minutes):
 #
-#   bash tools/gpu_session.sh wheels   # here, once: wheels the GPU image lacks, into .whl/
-#   bash tools/gpu_session.sh          # there: device tool, carry [".whl"]; results in $OUT
+#   bash tools/gpu_session.sh wheels      # here, once: wheels the GPU image lacks, into .whl/
+#   bash tools/gpu_session.sh             # there (device tool, carry [".whl"]): GPU tests, bench_chunk,
+#                                         # and bench_throughput with the Triton kernels; results in $OUT
+#   bash tools/gpu_session.sh throughput  # there, a second call: Triton with CUDA graphs, the compiled
+#                                         # op, and Triton with CUDA graphs at micro-batch 8
 #
 # The GPU image has torch, triton and numpy but no deepspeed and no network, hence the wheels
 # (Python 3.12). Each part has its own time limit, so one that hangs or runs out of memory does not
@@ -40,9 +43,18 @@ part() {  # part NAME SECONDS COMMAND...
     tail -n 25 "$OUT/$name.log"
 }
 
-THROUGHPUT=(python3 tools/bench_throughput.py --sizes 340M --seqs 2048 --micro-batch 4
-            --checkpoint-layers off --steps 3 --warmup 2)
-part gpu-tests 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_projection_step.py -p no:cacheprovider
-part bench-chunk 80 python3 tools/bench_chunk.py --size 340M --batch 4
-part throughput-triton 150 "${THROUGHPUT[@]}" --set memory_kernel=triton --json "$OUT/triton.json"
-part throughput-compiled 140 "${THROUGHPUT[@]}" --set memory_kernel=compiled --json "$OUT/compiled.json"
+throughput() {  # throughput MICRO_BATCH: bench_throughput's command at 340M, 2K
+    echo python3 tools/bench_throughput.py --sizes 340M --seqs 2048 --micro-batch "$1" --checkpoint-layers off \
+        --steps 3 --warmup 2
+}
+if [ "${1:-}" = throughput ]; then
+    part throughput-graphs 180 $(throughput 4) --set memory_kernel=triton --set memory_cuda_graphs=true \
+        --json "$OUT/graphs.json"
+    part throughput-compiled 180 $(throughput 4) --set memory_kernel=compiled --json "$OUT/compiled.json"
+    part throughput-graphs-micro8 200 $(throughput 8) --set memory_kernel=triton --set memory_cuda_graphs=true \
+        --json "$OUT/graphs8.json"
+    exit 0
+fi
+part gpu-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_projection_step.py -p no:cacheprovider
+part bench-chunk 100 python3 tools/bench_chunk.py --size 340M --batch 4 --host
+part throughput-triton 200 $(throughput 4) --set memory_kernel=triton --json "$OUT/triton.json"
