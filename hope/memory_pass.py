@@ -48,8 +48,83 @@ def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n
     return [torch.cat([a, b], dim=1) for a, b in zip(five[:6], main[:6])] + [main[6]]
 
 
+def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
+    """_forward_loop with the Triton kernels called directly: every chunk's tensors are slices of
+    buffers allocated once, so a chunk step is its 3 launches and little else on the host."""
+    from .triton_chunk import chunk_fwd_kernel, delta_rule_inverse_kernel
+    from .triton_projection import projection_read_fwd_kernel
+    B, X, H, T, d = z.shape
+    n, m, prec = T // C, W1.shape[-1], chunk_grad.TRITON_PRECISION
+    W1s, W2s = W1.new_empty(n + 1, *W1.shape), W2.new_empty(n + 1, *W2.shape)  # the state before chunk i
+    W1s[0], W2s[0] = W1, W2
+    kvq, gates = z.new_empty(n, 3, B, H, C, d), z.new_empty(n, 2, B, H, C)  # k, v, q; eta, log alpha
+    Ti = z.new_empty(n, B, H, C, C)
+    o = z.new_empty(n, B, H, C, d)
+    shapes = dict(C=C, D=d, M=m, PREC=prec)
+    for i in range(n):
+        zc = z[:, :, :, i * C:(i + 1) * C]
+        projection_read_fwd_kernel[(B * X * H,)](
+            zc, W1s[i], W2s[i], readout, kvq[i], gates[i], *zc.stride()[:4], B, H, C, spec.eta_max, spec.eps,
+            NS=6, UNIT_V=spec.normalize_v, DECAY=spec.decay, **shapes)
+        k, v, q = kvq[i]
+        eta, la = gates[i]
+        if spec.dgd:
+            delta_rule_inverse_kernel[(B * H,)](k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, PREC=prec)
+        chunk_fwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, q, Ti[i], W1s[i + 1], W2s[i + 1], o[i], 6, H,
+                                       DGD=spec.dgd, HAS_Q=True, TARGETS=spec.targets, **shapes)
+    out = z.new_empty(B, T, H, d)
+    out.view(B, n, C, H, d).copy_(o.permute(1, 0, 3, 2, 4))
+    return out, [W1s, W2s, kvq, gates, Ti]
+
+
+def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
+    """_backward_loop with the Triton kernels called directly, on work buffers allocated once."""
+    from .triton_chunk import (chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel,
+                               targets_bwd_kernel)
+    from .triton_projection import projection_read_bwd_kernel
+    W1s, W2s, kvq, gates, Ti = saved
+    B, X, H, T, d = z.shape
+    n, m = T // C, W1s.shape[-1]
+    shapes = dict(C=C, D=d, M=m, DGD=spec.dgd, TARGETS=spec.targets, PREC=chunk_grad.TRITON_PRECISION)
+    do = do.reshape(B, n, C, H, d).permute(1, 0, 3, 2, 4).contiguous()  # [n, B, H, C, d]: chunk-major
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    dreadout = z.new_empty(n, B, *readout.shape)
+    # state gradients after / before the chunk (swapped each step), the read-out's partial adjoints,
+    # and the per-memory gradients of the writes: reused by every chunk
+    dW1, dW2 = W1s.new_zeros(2, *W1s.shape[1:]), W2s.new_zeros(2, *W2s.shape[1:])
+    dW1p, dW2p = z.new_empty(B * H, d, m), z.new_empty(B * H, m, d)
+    dkp, drp, dq = (z.new_empty(B, H, C, d) for _ in range(3))
+    dhp, dup, dEp, dzr = (z.new_empty(B, H, C, m) for _ in range(4))
+    detap, dlgp = z.new_empty(B, H, C), z.new_empty(B, H, C)
+    dk, dvhat, dv = (z.new_empty(B, 6, H, C, d) for _ in range(3))
+    deta, dla = z.new_empty(B, 6, H, C), z.new_empty(B, 6, H, C)
+    for i in reversed(range(n)):
+        after, before = (n - 1 - i) % 2, (n - i) % 2
+        k, v, q = kvq[i]
+        eta, la = gates[i]
+        inputs = (W1s[i], W2s[i], k, v, eta, la)
+        chunk_bwd_readout1_kernel[(B * H,)](*inputs, q, Ti[i], do[i], dzr, dW1p, drp, dhp, detap, dlgp, 6, H, **shapes)
+        chunk_bwd_readout2_kernel[(B * H,)](*inputs, q, Ti[i], do[i], dzr, dq, dW2p, dkp, dup, dEp, detap, dlgp, 6, H,
+                                            **shapes)
+        chunk_bwd_state_kernel[(B * 6 * H,)](*inputs, Ti[i], dW1[after], dW2[after], dW1p, dW2p, dkp, drp, dhp, dup, dEp,
+                                             detap, dlgp, dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H,
+                                             HAS_Q=True, **shapes)
+        if spec.targets:
+            targets_bwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], v, dvhat, dW1[before], dW2[before], dv, 6, H, C=C, D=d, M=m,
+                                             PREC=shapes["PREC"])
+        zc, dzc = z[:, :, :, i * C:(i + 1) * C], dz[:, :, :, i * C:(i + 1) * C]
+        projection_read_bwd_kernel[(B * X * H,)](
+            zc, W1s[i], W2s[i], readout, dq, dq, dq, dq, dq, dk, dv if spec.targets else dvhat, deta, dla,
+            dW1[before], dW2[before], dzc, dreadout[i], *zc.stride()[:4], *dzc.stride()[:4], B, H, C, spec.eta_max,
+            spec.eps, C=C, D=d, M=m, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=spec.normalize_v, DECAY=spec.decay,
+            PREC=shapes["PREC"])
+    return dz, dW1[n % 2], dW2[n % 2], dreadout.sum((0, 1))
+
+
 def _forward_loop(z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
     """(o [B, T, H, d], the tensors the backward needs) of both passes over the chunks."""
+    if backend == "triton":
+        return _triton_forward_loop(z, W1, W2, readout.contiguous(), spec, C)
     read = _read_implementation(backend)
     B, _, H, T, d = z.shape
     saved, outputs = [], []
@@ -66,6 +141,8 @@ def _forward_loop(z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
 
 def _backward_loop(z, readout, saved, do, spec: ReadSpec, backend: str, C: int):
     """(dz, dW1, dW2, dreadout): the chunks in reverse, the state gradients carried by hand."""
+    if backend == "triton":
+        return _triton_backward_loop(z, readout, saved, do, spec, C)
     read = _read_implementation(backend)
     B, X, H, T, d = z.shape
     n = T // C

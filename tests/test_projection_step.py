@@ -83,6 +83,34 @@ def test_triton_projection_step_equals_pytorch(name, C):
     assert max(errs) < tol, errs
 
 
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_memory_pass_equals_the_per_chunk_ops(name, backend):
+    """hope/memory_pass.py (both passes, the main memory as a sixth memory of the writes; Triton:
+    its own loops over preallocated buffers) against projection_step + the chunk op per chunk."""
+    from hope.chunk_grad import fused_chunk_update
+    from hope.memory_pass import memory_pass
+    spec, C, chunks = SPECS[name], 16, 2
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 3, C * chunks, 16, generator=g)
+    W1, W2 = 0.5 * torch.randn(2, 6, 3, 16, 16, generator=g), 0.5 * torch.randn(2, 6, 3, 16, 16, generator=g)
+    readout = 0.3 * torch.randn(2, 3, 17, generator=g)
+
+    def per_chunk(z, W1, W2, readout):
+        Wp, Wm, outs = (W1[:, :5], W2[:, :5]), (W1[:, 5:], W2[:, 5:]), []
+        for zc in z.split(C, dim=3):
+            *Wp, k, v, q, eta, la = projection_step(zc, *Wp, readout, spec, "torch")
+            *Wm, o = fused_chunk_update(*Wm, *(t.unsqueeze(1) for t in (k, v, eta, la, q)), dgd=spec.dgd,
+                                        backend="torch", targets=spec.targets)
+            outs.append(o.squeeze(1).transpose(1, 2))  # [B, C, H, d]
+        return (torch.cat(outs, dim=1),)
+
+    inputs = [z, W1, W2, readout] if backend == "triton" else [t.double() for t in (z, W1, W2, readout)]
+    errs = errors(lambda *x: (memory_pass(*x, spec, backend, C),), per_chunk, inputs,
+                  [t.double() for t in (z, W1, W2, readout)])
+    assert max(errs) < (2e-5 if backend == "triton" else 1e-10), errs  # Triton: fp32 against float64
+
+
 @needs_triton
 def test_projection_step_is_a_handful_of_launches():
     """Forward: read, inverse, writes; backward: writes, targets', read (the targets are computed
