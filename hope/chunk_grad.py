@@ -341,12 +341,6 @@ def _shared_inputs(*tensors, share: bool = True):
             math.prod(lead[dims[-1] + 1:]))
 
 
-def _grouped(k, q) -> bool:
-    """Whether memories sharing k may run as groups: without q, or with one q per group (shaped
-    unlike k), which the group's last memory reads out; a q per memory needs every memory's own."""
-    return q is None or q.shape[:-2] != k.shape[:-2]
-
-
 def _delta_rule_inverse(k, eta, la):
     """T = (I + L)^-1 of the chunk, one launch (contiguous inputs): the kernels take it as an input
     (it needs no memory state). The same doubling as unit_lower_inverse, ~60 small launches here."""
@@ -358,13 +352,11 @@ def _delta_rule_inverse(k, eta, la):
     return T
 
 
-def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets, Ti=None):
-    """Ti: the chunk's T if another write of the same k, eta, alpha computed it already. q: one per
-    group of memories that share k, v, eta, alpha, read out by the group's last memory."""
+def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets):
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
-    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=_grouped(k, q))
-    Ti = _delta_rule_inverse(k, eta, la) if dgd and Ti is None else Ti
+    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=q is None)  # every memory reads its q out
+    Ti = _delta_rule_inverse(k, eta, la) if dgd else None
     W1, W2 = W1.contiguous(), W2.contiguous()
     q = None if q is None else q.contiguous()
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
@@ -380,14 +372,14 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
                                targets_bwd_kernel)
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     shape_k, shape_eta = k.shape, eta.shape  # the gradients are per memory; autograd sums shared ones
-    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=_grouped(k, q))
+    k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=q is None)
     W1, W2, dW1n, dW2n = (t.contiguous() for t in (W1, W2, dW1n, dW2n))
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
     shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, PREC=TRITON_PRECISION)
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
-    if q is not None:  # partial adjoints of the read-out (per group: its last memory's), for the state kernel
+    if q is not None:  # partial adjoints of the read-out, for the state kernel
         q, do = q.contiguous(), do.contiguous()
         groups = q.numel() // (C * d)
         dq, dkp, drp = (torch.empty_like(q) for _ in range(3))

@@ -23,24 +23,19 @@ from . import chunk_grad
 from .projection_step import ReadSpec, _read_implementation, _shared
 
 
-def _write(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, *kept):
-    """All six memories (W [B, 6, H, ...]) write k, v, eta, la; the last reads q out.
-    -> (W1_new, W2_new, o [B, 1, H, C, d], *kept)"""
+def _write(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec):
+    """All six memories (W [B, 6, H, ...]) write k, v, eta, la; the last reads q out, with the
+    PyTorch backends: the five and the main memory as two calls. -> (W1_new, W2_new, o [B, 1, H, C, d])"""
     write = chunk_grad._implementation(backend)
     args = (spec.dgd, spec.act_name, spec.targets)
-    if backend == "triton":  # q [B, 1, H, ...]: one per group of six, read out by its last memory
-        return write.forward(W1, W2, *_shared(W1, k, v, eta, la), q.unsqueeze(1), *args, *kept)
     five = write.forward(W1[:, :5], W2[:, :5], *_shared(W1[:, :5], k, v, eta, la), None, *args)
     main = write.forward(W1[:, 5:], W2[:, 5:], *(t.unsqueeze(1) for t in (k, v, eta, la, q)), *args)
     return torch.cat([five[0], main[0]], dim=1), torch.cat([five[1], main[1]], dim=1), main[2]
 
 
-def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n, dW2n, do, *kept):
+def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n, dW2n, do):
     """[dW1, dW2, dk, dv, deta, dla (per memory, [B, 6, H, ...]), dq [B, 1, H, C, d]] of _write."""
     write = chunk_grad._implementation(backend)
-    if backend == "triton":
-        return write.backward(W1, W2, *_shared(W1, k, v, eta, la), q.unsqueeze(1), spec.dgd, dW1n, dW2n, do,
-                              spec.act_name, spec.targets, *kept)
     five = write.backward(W1[:, :5], W2[:, :5], *_shared(W1[:, :5], k, v, eta, la), None, spec.dgd,
                           dW1n[:, :5], dW2n[:, :5], None, spec.act_name, spec.targets)
     main = write.backward(W1[:, 5:], W2[:, 5:], *(t.unsqueeze(1) for t in (k, v, eta, la, q)), spec.dgd,
@@ -130,8 +125,8 @@ def _forward_loop(z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
     saved, outputs = [], []
     for s in range(0, T, C):
         k, v, q, eta, la = read.forward(z[:, :, :, s:s + C], W1, W2, readout, spec, C)
-        W1n, W2n, o, *kept = _write(backend, W1, W2, k, v, eta, la, q, spec)
-        saved += [W1, W2, k, v, q, eta, la, *kept]
+        W1n, W2n, o = _write(backend, W1, W2, k, v, eta, la, q, spec)
+        saved += [W1, W2, k, v, q, eta, la]
         outputs.append(o)
         W1, W2 = W1n, W2n
     o = z.new_empty(B, T, H, d)  # token-major, as the layer's output norm wants it
@@ -152,11 +147,11 @@ def _backward_loop(z, readout, saved, do, spec: ReadSpec, backend: str, C: int):
     dreadout = torch.empty(n, B, *readout.shape, dtype=z.dtype, device=z.device)
     dW1 = dW2 = None
     for i in reversed(range(n)):
-        W1, W2, k, v, q, eta, la, *kept = saved[i * per_chunk:(i + 1) * per_chunk]
+        W1, W2, k, v, q, eta, la = saved[i * per_chunk:(i + 1) * per_chunk]
         if dW1 is None:  # the states after the last chunk are not used
             dW1, dW2 = torch.zeros_like(W1), torch.zeros_like(W2)
         dW1, dW2, dk, dv, deta, dla, dq = _write_backward(backend, W1, W2, k, v, eta, la, q, spec, dW1, dW2,
-                                                          do[i].unsqueeze(1), *kept)
+                                                          do[i].unsqueeze(1))
         chunk = slice(i * C, (i + 1) * C)
         read.backward(z[:, :, :, chunk], W1, W2, readout, (None, None, dq.squeeze(1), None, None),
                       (dk, dv, deta, dla), dW1, dW2, spec, dz[:, :, :, chunk], dreadout[i])
