@@ -9,11 +9,14 @@ so the main memory is a sixth memory of the same write, the one that also reads 
                        memory reads q out.
     backward, i = n-1 .. 0: the six writes (and the read-out), then the read, carrying the state
                        gradients to chunk i - 1.
-The same values as the per-chunk ops, with no autograd node, Python wrapper or gradient sum per
-chunk. With the Triton kernels each step is one launch per kernel for all six memories: one
-gated-delta-rule inverse (it depends on k, eta, alpha only), and the main memory's programs run in
-the same waves as the projection memories' instead of filling a fraction of the GPU on their own.
-The PyTorch backends write the five and the main memory as two calls.
+The same values as the per-chunk ops, with no autograd node or gradient sum per chunk. The
+Triton loops (`_triton_forward_loop`, `_triton_backward_loop`) call the kernels directly on buffers
+allocated once per pass: a chunk step is 3 launches forward and 5 backward, each for all six
+memories (one gated-delta-rule inverse, which depends on k, eta, alpha only; the main memory's
+programs in the same waves as the projection memories' instead of a fraction of the GPU on their
+own). `CudaGraphs` captures those loops and replays them (`memory_cuda_graphs`). The PyTorch
+backends (torch, compiled) go through hope/chunk_grad.py's functions, the five memories and the
+main memory as two calls.
 """
 from __future__ import annotations
 
