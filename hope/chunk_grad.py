@@ -379,16 +379,16 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, PREC=TRITON_PRECISION)
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
-    if q is not None:  # partial adjoints of the read-out, for the state kernel
+    if q is not None:  # partial adjoints of the read-out, for the state kernel (every memory reads q out:
+        # groups of one, SX = SH = 1)
         q, do = q.contiguous(), do.contiguous()
-        groups = q.numel() // (C * d)
         dq, dkp, drp = (torch.empty_like(q) for _ in range(3))
-        dW1p, dW2p = q.new_empty(groups, d, m), q.new_empty(groups, m, d)
+        dW1p, dW2p = torch.empty_like(W1), torch.empty_like(W2)
         dhp, dup, dEp, dz = (q.new_empty(*q.shape[:-1], m) for _ in range(4))
         detap, dlgp = (q.new_empty(q.shape[:-1]) for _ in range(2))
-        chunk_bwd_readout1_kernel[(groups,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
-        chunk_bwd_readout2_kernel[(groups,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
-                                             **shapes)
+        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
+        chunk_bwd_readout2_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
+                                        **shapes)
         partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)
     dW1, dW2 = torch.empty_like(W1), torch.empty_like(W2)
     dk, dvhat = (torch.empty(shape_k, dtype=k.dtype, device=k.device) for _ in range(2))

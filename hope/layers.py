@@ -28,11 +28,22 @@ class RMSNorm(nn.Module):
         return (x * self.weight.to(x.dtype)).to(dtype)
 
 
+def unit_rows_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, n): the rows of x scaled to unit length, y = x / n, and their norms n clamped to eps."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+    return x / n, n
+
+
+def unit_rows_backward(y: torch.Tensor, n: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    """dx of y = x / n (unit_rows_forward); rows clamped to eps are x / eps, without the radial term."""
+    radial = (dy * y).sum(-1, keepdim=True).masked_fill_(n <= eps, 0.0)
+    return (dy - y * radial) / n
+
+
 class _UnitRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
-        y = x / n
+        y, n = unit_rows_forward(x, eps)
         ctx.save_for_backward(y, n)
         ctx.eps = eps
         return y
@@ -40,8 +51,7 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         y, n = ctx.saved_tensors
-        radial = (dy * y).sum(-1, keepdim=True).masked_fill_(n <= ctx.eps, 0.0)  # clamped rows: x / eps
-        return (dy - y * radial) / n, None
+        return unit_rows_backward(y, n, dy, ctx.eps), None
 
 
 def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -26,6 +26,20 @@ from . import chunk_grad
 from .projection_step import ReadSpec, _read_implementation, _shared
 
 
+def token_major(chunks: torch.Tensor) -> torch.Tensor:
+    """Read-out chunks [n, B, H, C, d] -> [B, n * C, H, d], as the layer's output norm wants it (one copy)."""
+    n, B, H, C, d = chunks.shape
+    out = chunks.new_empty(B, n * C, H, d)
+    out.view(B, n, C, H, d).copy_(chunks.permute(1, 0, 3, 2, 4))
+    return out
+
+
+def chunk_major(o: torch.Tensor, C: int) -> torch.Tensor:
+    """token_major's inverse: [B, T, H, d] -> contiguous [T / C, B, H, C, d] (one copy)."""
+    B, T, H, d = o.shape
+    return o.reshape(B, T // C, C, H, d).permute(1, 0, 3, 2, 4).contiguous()
+
+
 def _write(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec):
     """All six memories (W [B, 6, H, ...]) write k, v, eta, la; the last reads q out, with the
     PyTorch backends: the five and the main memory as two calls. -> (W1_new, W2_new, o [B, 1, H, C, d])"""
@@ -48,7 +62,9 @@ def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n
 
 def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
     """_forward_loop with the Triton kernels called directly: every chunk's tensors are slices of
-    buffers allocated once, so a chunk step is its 3 launches and little else on the host."""
+    buffers allocated once, so a chunk step is its 3 launches and little else on the host. (Through
+    projection_step's read wrappers, with their checks and conversions, the host work per chunk step
+    was ~2x: `bench_chunk.py --host` 191-227 us against 88-131 us on the 2-core CPU.)"""
     from .triton_chunk import chunk_fwd_kernel, delta_rule_inverse_kernel
     from .triton_projection import projection_read_fwd_kernel
     B, X, H, T, d = z.shape
@@ -70,9 +86,7 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
             delta_rule_inverse_kernel[(B * H,)](k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, PREC=prec)
         chunk_fwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, q, Ti[i], W1s[i + 1], W2s[i + 1], o[i], 6, H,
                                        DGD=spec.dgd, HAS_Q=True, TARGETS=spec.targets, **shapes)
-    out = z.new_empty(B, T, H, d)
-    out.view(B, n, C, H, d).copy_(o.permute(1, 0, 3, 2, 4))
-    return out, [W1s, W2s, kvq, gates, Ti]
+    return token_major(o), [W1s, W2s, kvq, gates, Ti]
 
 
 def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
@@ -84,7 +98,7 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
     B, X, H, T, d = z.shape
     n, m = T // C, W1s.shape[-1]
     shapes = dict(C=C, D=d, M=m, DGD=spec.dgd, TARGETS=spec.targets, PREC=chunk_grad.TRITON_PRECISION)
-    do = do.reshape(B, n, C, H, d).permute(1, 0, 3, 2, 4).contiguous()  # [n, B, H, C, d]: chunk-major
+    do = chunk_major(do, C)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dreadout = z.new_empty(n, B, *readout.shape)
     # state gradients after / before the chunk (swapped each step), the read-out's partial adjoints,
@@ -124,17 +138,14 @@ def _forward_loop(z, W1, W2, readout, spec: ReadSpec, backend: str, C: int):
     if backend == "triton":
         return _triton_forward_loop(z, W1, W2, readout.contiguous(), spec, C)
     read = _read_implementation(backend)
-    B, _, H, T, d = z.shape
     saved, outputs = [], []
-    for s in range(0, T, C):
+    for s in range(0, z.shape[3], C):
         k, v, q, eta, la = read.forward(z[:, :, :, s:s + C], W1, W2, readout, spec, C)
         W1n, W2n, o = _write(backend, W1, W2, k, v, eta, la, q, spec)
         saved += [W1, W2, k, v, q, eta, la]
-        outputs.append(o)
+        outputs.append(o.squeeze(1))
         W1, W2 = W1n, W2n
-    o = z.new_empty(B, T, H, d)  # token-major, as the layer's output norm wants it
-    o.view(B, T // C, C, H, d).copy_(torch.cat(outputs, dim=1).transpose(2, 3))
-    return o, saved
+    return token_major(torch.stack(outputs)), saved
 
 
 def _backward_loop(z, readout, saved, do, spec: ReadSpec, backend: str, C: int):
@@ -142,10 +153,9 @@ def _backward_loop(z, readout, saved, do, spec: ReadSpec, backend: str, C: int):
     if backend == "triton":
         return _triton_backward_loop(z, readout, saved, do, spec, C)
     read = _read_implementation(backend)
-    B, X, H, T, d = z.shape
-    n = T // C
+    B, n = z.shape[0], z.shape[3] // C
     per_chunk = len(saved) // n
-    do = do.reshape(B, n, C, H, d).permute(1, 0, 3, 2, 4).contiguous()  # [n, B, H, C, d]: chunk-major
+    do = chunk_major(do, C)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dreadout = torch.empty(n, B, *readout.shape, dtype=z.dtype, device=z.device)
     dW1 = dW2 = None

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import chunk_grad
 from .chunk_grad import padded_length
+from .layers import unit_rows_backward, unit_rows_forward
 from .memory import activation
 
 
@@ -35,15 +36,9 @@ class ReadSpec(NamedTuple):
     eps: float = 1e-12  # unit rows: F.normalize's
 
 
-def _unit(x: torch.Tensor, eps: float):
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / norm.clamp_min(eps), norm
-
-
 def _unit_backward(x: torch.Tensor, dy: torch.Tensor, eps: float):
-    y, norm = _unit(x, eps)
-    radial = (dy * y).sum(-1, keepdim=True).masked_fill(norm <= eps, 0.0)  # clamped rows: x / eps
-    return (dy - y * radial) / norm.clamp_min(eps)
+    """dx of unit rows of x, recomputing them from x."""
+    return unit_rows_backward(*unit_rows_forward(x, eps), dy, eps)
 
 
 def _gate_logits(read: torch.Tensor, readout: torch.Tensor):
@@ -63,7 +58,7 @@ def read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     if rows > valid:
         z = F.pad(z, (0, 0, 0, rows - valid))
     read = z + s(z @ W2.transpose(-1, -2)) @ W1.transpose(-1, -2)
-    k, v, q = (_unit(t, spec.eps)[0] for t in read[:, :3].unbind(1))
+    k, v, q = (unit_rows_forward(t, spec.eps)[0] for t in read[:, :3].unbind(1))
     if not spec.normalize_v:
         v = read[:, 1]
     logits = _gate_logits(read, readout)

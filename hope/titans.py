@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .config import PROJECTION_MEMORIES, HopeConfig
 from .layers import CausalDepthwiseConv, RMSNorm, unit_rows
 from .chunk_grad import fused_chunk_update, padded_length
-from .memory_pass import CudaGraphs, memory_pass
+from .memory_pass import CudaGraphs, chunk_major, memory_pass, token_major
 from .projection_step import ReadSpec, projection_step
 from .memory import MemoryState, activation, chunk_update, memory_forward, token_update
 
@@ -38,16 +38,12 @@ class _TokenMajor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chunks: torch.Tensor) -> torch.Tensor:
-        n, B, H, C, d = chunks.shape
-        ctx.chunk = C
-        out = chunks.new_empty(B, n * C, H, d)
-        out.view(B, n, C, H, d).copy_(chunks.permute(1, 0, 3, 2, 4))
-        return out
+        ctx.chunk = chunks.shape[3]
+        return token_major(chunks)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        B, T, H, d = grad.shape
-        return grad.reshape(B, T // ctx.chunk, ctx.chunk, H, d).permute(1, 0, 3, 2, 4).contiguous()
+        return chunk_major(grad, ctx.chunk)
 
 
 class SelfModifyingTitans(nn.Module):
@@ -236,13 +232,15 @@ class SelfModifyingTitans(nn.Module):
         else:
             per_chunk = []
             stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3)
-            z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
-            mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
-            readout = self._readout_table(dtype) if fused else None
+            if fused:
+                readout, spec = self._readout_table(dtype), self._read_spec()
+            else:  # the static projections' chunks, for the read-outs of memories that are not adaptive
+                z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
+                mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
             for i, zc in enumerate(stacked):
                 proj_start = proj_state
                 if fused:
-                    W1, W2, *five = projection_step(zc, proj_state.W1, proj_state.W2, readout, self._read_spec(), kernel)
+                    W1, W2, *five = projection_step(zc, proj_state.W1, proj_state.W2, readout, spec, kernel)
                     proj_state = MemoryState(W1, W2)
                 else:
                     five, proj_state = self._projection_chunk(kernel, zc, {n: t[i] for n, t in z_chunks.items()},

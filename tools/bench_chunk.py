@@ -84,10 +84,15 @@ class LaunchCounter(TorchDispatchMode):
         return counted
 
 
-def count_launches(fn, xs) -> tuple[int, int]:
+def triton_kernels() -> list:
+    """Every Triton kernel of hope/ (their `run` is what a launch calls)."""
     from hope import triton_chunk, triton_projection
-    kernels = [getattr(module, n) for module in (triton_chunk, triton_projection) for n in dir(module)
-               if n.endswith("_kernel")]
+    return [getattr(module, n) for module in (triton_chunk, triton_projection) for n in dir(module)
+            if n.endswith("_kernel")]
+
+
+def count_launches(fn, xs) -> tuple[int, int]:
+    kernels = triton_kernels()
     counter = LaunchCounter()
     for kernel in kernels:
         kernel.run = counter.triton_kernel(type(kernel).run.__get__(kernel))
@@ -127,13 +132,11 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
     and backward, with every Triton launch replaced by a no-op: the Python and PyTorch work this
     code adds around its launches (the launches' own host cost is Triton's and the driver's). It
     does not depend on the shapes; tiny ones (one head of 16) keep CPU arithmetic out of it."""
-    from hope import triton_chunk, triton_projection
     from hope.memory_pass import memory_pass
     from hope.projection_step import ReadSpec
     batch, H, d, m, C = 1, 1, 16, 16, 16
     spec = ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets)
-    kernels = [getattr(module, n) for module in (triton_chunk, triton_projection) for n in dir(module)
-               if n.endswith("_kernel")]
+    kernels = triton_kernels()
     for kernel in kernels:
         kernel.run = lambda *args, **kwargs: None
     try:
