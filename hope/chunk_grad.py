@@ -318,9 +318,24 @@ def _implementation(backend: str) -> Backend:
     return _COMPILED[0]
 
 
-# Matmul precision inside the Triton kernels: "tf32" (fast), "tf32x3" (~fp32); "ieee" (exact fp32)
-# is for the interpreter: compiled for a GPU it unrolls into scalar code that takes minutes to build.
+# How the Triton kernels multiply (HOPE_TRITON_PRECISION): "tf32" (the default); "bf16" (bf16
+# operands, fp32 accumulation, fp32 states: a third to a half of tf32's shared memory per program,
+# hence twice the programs per SM; ~1e-2 relative error on a layer's outputs and gradients);
+# "tf32x3" (~fp32); "ieee" (exact fp32) is for the interpreter: compiled for a GPU it unrolls into
+# scalar code that takes minutes to build. Programs run 4 warps: at 8, tools/triton_resources.py
+# finds as many bytes spilled per thread, so no more programs per SM.
+TRITON_PRECISIONS = ("tf32", "bf16", "tf32x3", "ieee")
 TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
+if TRITON_PRECISION not in TRITON_PRECISIONS:
+    raise ValueError(f"HOPE_TRITON_PRECISION={TRITON_PRECISION!r}: expected one of {', '.join(TRITON_PRECISIONS)}")
+
+
+def triton_options() -> dict:
+    """The launch options of every Triton kernel of hope/. Triton's interpreter
+    multiplies bf16 tiles wrongly (3.9), so there "bf16" rounds the operands to bf16 in fp32 instead."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    prec = "bf16-emulated" if TRITON_PRECISION == "bf16" and interpreted else TRITON_PRECISION
+    return dict(PREC=prec)
 
 
 def _shared_inputs(*tensors, share: bool = True):
@@ -348,7 +363,7 @@ def _delta_rule_inverse(k, eta, la):
     C, d = k.shape[-2], k.shape[-1]
     T = torch.empty(*k.shape[:-1], C, dtype=k.dtype, device=k.device)
     delta_rule_inverse_kernel[(k.numel() // (C * d),)](k, eta, la, T, C=C, D=d, LOG2C=C.bit_length() - 1,
-                                                       PREC=TRITON_PRECISION)
+                                                       **triton_options())
     return T
 
 
@@ -363,7 +378,7 @@ def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets):
     o = torch.empty_like(q) if q is not None else None
     chunk_fwd_kernel[(W1.numel() // (d * m),)](
         W1, W2, k, v, eta, la, k if q is None else q, k if Ti is None else Ti, W1n, W2n, k if o is None else o,
-        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, TARGETS=targets, PREC=TRITON_PRECISION)  # k: a placeholder, never read
+        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, TARGETS=targets, **triton_options())  # k: a placeholder, never read
     return W1n, W2n, o, Ti  # T is kept for the backward (C x C per memory) instead of recomputed
 
 
@@ -376,7 +391,7 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     W1, W2, dW1n, dW2n = (t.contiguous() for t in (W1, W2, dW1n, dW2n))
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
-    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, PREC=TRITON_PRECISION)
+    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, **triton_options())
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
     if q is not None:  # partial adjoints of the read-out, for the state kernel (every memory reads q out:
@@ -398,7 +413,7 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     dv = dvhat
     if targets:  # vhat = M(v): dv, and the targets' share added to dW1, dW2
         dv = torch.empty_like(dvhat)
-        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, PREC=TRITON_PRECISION)
+        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, **triton_options())
     return dW1, dW2, dk, dv, deta, dla, dq
 
 

@@ -68,13 +68,13 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
     from .triton_chunk import chunk_fwd_kernel, delta_rule_inverse_kernel
     from .triton_projection import projection_read_fwd_kernel
     B, X, H, T, d = z.shape
-    n, m, prec = T // C, W1.shape[-1], chunk_grad.TRITON_PRECISION
+    n, m, options = T // C, W1.shape[-1], chunk_grad.triton_options()
     W1s, W2s = W1.new_empty(n + 1, *W1.shape), W2.new_empty(n + 1, *W2.shape)  # the state before chunk i
     W1s[0], W2s[0] = W1, W2
     kvq, gates = z.new_empty(n, 3, B, H, C, d), z.new_empty(n, 2, B, H, C)  # k, v, q; eta, log alpha
     Ti = z.new_empty(n, B, H, C, C)
     o = z.new_empty(n, B, H, C, d)
-    shapes = dict(C=C, D=d, M=m, PREC=prec)
+    shapes = dict(C=C, D=d, M=m, **options)
     for i in range(n):
         zc = z[:, :, :, i * C:(i + 1) * C]
         projection_read_fwd_kernel[(B * X * H,)](
@@ -83,7 +83,7 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
         k, v, q = kvq[i]
         eta, la = gates[i]
         if spec.dgd:
-            delta_rule_inverse_kernel[(B * H,)](k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, PREC=prec)
+            delta_rule_inverse_kernel[(B * H,)](k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, **options)
         chunk_fwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, q, Ti[i], W1s[i + 1], W2s[i + 1], o[i], 6, H,
                                        DGD=spec.dgd, HAS_Q=True, TARGETS=spec.targets, **shapes)
     return token_major(o), [W1s, W2s, kvq, gates, Ti]
@@ -97,7 +97,7 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
     W1s, W2s, kvq, gates, Ti = saved
     B, X, H, T, d = z.shape
     n, m = T // C, W1s.shape[-1]
-    shapes = dict(C=C, D=d, M=m, DGD=spec.dgd, TARGETS=spec.targets, PREC=chunk_grad.TRITON_PRECISION)
+    shapes = dict(C=C, D=d, M=m, DGD=spec.dgd, TARGETS=spec.targets, **chunk_grad.triton_options())
     do = chunk_major(do, C)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dreadout = z.new_empty(n, B, *readout.shape)

@@ -115,7 +115,7 @@ def _triton_read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     gates = torch.empty(2, B, H, C, dtype=z.dtype, device=z.device)
     projection_read_fwd_kernel[(B * X * H,)](
         z, W1, W2, readout, kvq, gates, *z.stride()[:4], B, H, valid, spec.eta_max, spec.eps,
-        C=C, D=d, M=m, NS=W1.shape[1], UNIT_V=spec.normalize_v, DECAY=spec.decay, PREC=chunk_grad.TRITON_PRECISION)
+        C=C, D=d, M=m, NS=W1.shape[1], UNIT_V=spec.normalize_v, DECAY=spec.decay, **chunk_grad.triton_options())
     return (*kvq.unbind(0), *gates.unbind(0))
 
 
@@ -135,7 +135,7 @@ def _triton_read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2,
     projection_read_bwd_kernel[(B * X * H,)](
         z, W1, W2, readout, *grads, dW1, dW2, dz, dreadout, *z.stride()[:4], *dz.stride()[:4], B, H, valid,
         spec.eta_max, spec.eps, C=C, D=d, M=m, NS=W1.shape[1], WRITES=write_grads[0].shape[1], HAS_MAIN=has_main,
-        UNIT_V=spec.normalize_v, DECAY=spec.decay, PREC=chunk_grad.TRITON_PRECISION)
+        UNIT_V=spec.normalize_v, DECAY=spec.decay, **chunk_grad.triton_options())
 
 
 class ReadBackend(NamedTuple):

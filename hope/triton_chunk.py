@@ -9,7 +9,8 @@ written are v, or with TARGETS the self-generated targets M_c(v), which each ker
 (`_values`). Memories that share k, v, eta, alpha (the projection memories) read one copy of them
 and of T (`_offsets`). hope/chunk_grad.py is the same math in PyTorch, line for line, and the
 reference these kernels are tested against (under TRITON_INTERPRET=1 on CPU). SiLU only; fp32 in
-and out; the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32" fastest).
+and out; the matmuls run at `PREC` ("ieee" exact fp32, "tf32x3" ~fp32, "tf32", or "bf16": bf16
+operands, fp32 accumulation; hope/chunk_grad.py's triton_options picks it).
 
 The backward is split because one kernel holding every adjoint needed 385 KB of shared memory
 on the H100 (limit 227 KB) and minutes to compile. The backward differentiates the
@@ -33,7 +34,27 @@ except ImportError:  # CPU-only installs and exported models never launch these 
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
+    if PREC == "bf16":  # bf16 operands, fp32 accumulation (the states stay fp32 between chunks)
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif PREC == "bf16-emulated":  # the interpreter's bf16 dot is wrong (Triton 3.9): same rounding, in fp32
+        c = tl.dot(_round_to_bf16(a), _round_to_bf16(b), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """x rounded to the nearest bf16 (ties to even), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_if(PTR, offsets, reads):
+    """PTR[offsets] if `reads` (1, a flag of the whole program), zeros without reading if 0."""
+    return tl.load(PTR + offsets, mask=offsets * 0 + reads != 0, other=0.0)
 
 
 @triton.jit
@@ -281,7 +302,13 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
                            DW1, DW2, DK, DVH, DETA, DLA,
                            SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                            DGD: tl.constexpr, HAS_Q: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
-    """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients."""
+    """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients.
+
+    Ordered to keep few tiles live at once (each [64, 64] fp32 tile is 32 registers per thread of
+    4 warps, and a thread has 255): the read-out's partial adjoints are loaded where they are added,
+    dW1n and dW2n where they are used (and again at the end), W2's half of the chunk-end adjoint
+    before the delta rule and W1's after it, the activation's derivatives where they are used
+    (tools/triton_resources.py prints the bytes spilled: 4,152 -> 3,440 per thread at tf32)."""
     n = tl.program_id(0).to(tl.int64)
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     last = rc == C - 1
@@ -295,53 +322,26 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
     DC = GC * eta
-    dds = sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+    # the read-out's partial adjoints, for the memory of the group that reads q out (offsets: the group's)
+    reads = ((n // SH) % SX == SX - 1).to(tl.int32) if HAS_Q else 0
+    _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(nk, 1, 1, C, D, M)
+    deta = _load_if(DETAP, kcv, reads)
+    dlg = _load_if(DLGP, kcv, reads)
 
-    dw1n = tl.load(DW1N + dm)
+    # ---- chunk-end state, W2's half: W2n = gC W2 + coef2^T k
     dw2n = tl.load(DW2N + md)
-    dw1 = gC * dw1n
-    dw2 = gC * dw2n
-    dk = tl.zeros([C, D], dtype=tl.float32)
-    dr = tl.zeros([C, D], dtype=tl.float32)
-    dh = tl.zeros([C, M], dtype=tl.float32)
-    du = tl.zeros([C, M], dtype=tl.float32)
-    dE = tl.zeros([C, M], dtype=tl.float32)
-    deta = tl.zeros([C], dtype=tl.float32)
-    dlg = tl.zeros([C], dtype=tl.float32)
-    if HAS_Q:  # partial adjoints of the read-out, for the memory of the group that reads q out
-        if (n // SH) % SX == SX - 1:
-            _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(nk, 1, 1, C, D, M)
-            dw1 += tl.load(DW1P + gdm)
-            dw2 += tl.load(DW2P + gmd)
-            dk += tl.load(DKP + kcd)
-            dr += tl.load(DRP + kcd)
-            dh += tl.load(DHP + gcm)
-            du += tl.load(DUP + gcm)
-            dE += tl.load(DEP + gcm)
-            deta += tl.load(DETAP + kcv)
-            dlg += tl.load(DLGP + kcv)
-
-    # ---- chunk-end state: W2n = gC W2 + coef2^T k ; W1n = gC W1 - (r*D_C)^T h
     coef2 = -DC[:, None] * u
     if DGD:
         coef2 += GC[:, None] * E
-    dgC = tl.sum(tl.sum(dw2n * w2, 1), 0) + tl.sum(tl.sum(dw1n * w1, 1), 0)
+    dgC = tl.sum(tl.sum(dw2n * w2, 1), 0)
     dcoef2 = _dot(k, tl.trans(dw2n), PREC)
-    dk += _dot(coef2, dw2n, PREC)
-    du -= DC[:, None] * dcoef2
+    dk = _dot(coef2, dw2n, PREC) + _load_if(DKP, kcd, reads)
+    du = _load_if(DUP, gcm, reads) - DC[:, None] * dcoef2
     dDC = -tl.sum(dcoef2 * u, 1)
-    dR = -_dot(h, tl.trans(dw1n), PREC)
-    dh -= _dot(r * DC[:, None], dw1n, PREC)
-    dr += DC[:, None] * dR
-    dDC += tl.sum(dR * r, 1)
-    # last rows of D and G (as vectors over j), and gC = g_{C-1}
-    dGlast = dDC * eta
+    dGlast = tl.zeros([C], dtype=tl.float32)
     if DGD:
-        dE += GC[:, None] * dcoef2
+        dE = _load_if(DEP, gcm, reads) + GC[:, None] * dcoef2
         dGlast += tl.sum(dcoef2 * E, 1)
-    deta += dDC * GC
-    v = dGlast * GC
-    dlg += tl.where(last, tl.sum(v, 0) + dgC * gC, 0.0) - v
 
     # ---- gated delta rule: E = T rhs, rhs = -eta * inner
     if DGD:
@@ -365,21 +365,38 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
         dGpGp = dGp * Gp
         dlgp = tl.sum(dGpGp, 1) + dgp * gp
         dlg = dlg - tl.sum(dGpGp, 0) + dlgp
-        dla = tl.cumsum(dlg, 0, reverse=True) - dlgp
     else:
         da = tl.zeros([C, M], dtype=tl.float32)
-        dla = tl.cumsum(dlg, 0, reverse=True)
+        dlgp = tl.zeros([C], dtype=tl.float32)
+
+    # ---- chunk-end state, W1's half: W1n = gC W1 - (r*D_C)^T h
+    dw1n = tl.load(DW1N + dm)
+    dgC += tl.sum(tl.sum(dw1n * w1, 1), 0)
+    dR = -_dot(h, tl.trans(dw1n), PREC)
+    dh = _load_if(DHP, gcm, reads) - _dot(r * DC[:, None], dw1n, PREC)
+    dr = _load_if(DRP, kcd, reads) + DC[:, None] * dR
+    dDC += tl.sum(dR * r, 1)
+    # last rows of D and G (as vectors over j), and gC = g_{C-1}
+    dGlast += dDC * eta
+    deta += dDC * GC
+    v = dGlast * GC
+    dlg += tl.where(last, tl.sum(v, 0) + dgC * gC, 0.0) - v
+    dla = tl.cumsum(dlg, 0, reverse=True) - dlgp
 
     # ---- inner gradients at the chunk-start state
+    sig = tl.sigmoid(a)
+    sp = sig * (1 + a * (1 - sig))
     dp = sp * du
-    da += p * dds * du
+    da += p * (sig * (1 - sig) * (2 + a * (1 - 2 * sig))) * du
     dr += _dot(dp, tl.trans(w1), PREC)
+    dw1 = gC * tl.load(DW1N + dm) + _load_if(DW1P, gdm, reads)
     dw1 += _dot(tl.trans(r), dp, PREC)
     dk += dr
     dh += _dot(dr, w1, PREC)
     dw1 += _dot(tl.trans(dr), h, PREC)
     da += dh * sp
     dk += _dot(da, w2, PREC)
+    dw2 = gC * tl.load(DW2N + md) + _load_if(DW2P, gmd, reads)
     dw2 += _dot(tl.trans(da), k, PREC)
 
     tl.store(DW1 + dm, dw1)

@@ -3,6 +3,7 @@
     python tools/bench_chunk.py --size 340M --batch 4 --device cuda
     python tools/bench_chunk.py --size 340M --layer     # + launches of a whole layer per chunk step
     python tools/bench_chunk.py --size 340M --host      # + the host work around those launches
+    python tools/bench_chunk.py --size 340M --pass --precisions tf32,bf16   # + one layer's memory pass
 
 Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
 backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels
@@ -13,6 +14,11 @@ of each, sequentially, so besides time each row counts its launches per chunk st
 that run a kernel (views and allocations left out) plus Triton kernels. At ~5-10 us of host time
 each, launches bound these small steps on a GPU. The compiled row is timed only (inductor's
 kernels do not pass through the dispatcher).
+
+--pass times what a layer's memories cost in training: hope/memory_pass.py, both passes over a
+whole sequence, forward + backward, for each backend (compiled; Triton at each of --precisions,
+eagerly and as CUDA graphs), and prints the tokens/s that this part alone would allow a model of
+--size (all its layers). On CPU it runs the tiny config under the interpreter, to check the code.
 """
 from __future__ import annotations
 
@@ -157,10 +163,39 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
     return (times[1] - times[0]) / 32 * 1e6
 
 
-def time_it(fn, xs, device, reps: int) -> float:
+def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisions: list[str], reps: int):
+    """Rows (name, us per layer forward + backward) of hope/memory_pass.py at the shapes of `cfg`."""
+    from hope.memory_pass import CudaGraphs, memory_pass
+    from hope.projection_step import ReadSpec
+    H, d, m, C = cfg.num_heads, cfg.head_dim, cfg.memory_width, cfg.chunk_size
+    spec = ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets)
+    z = torch.nn.functional.normalize(torch.randn(batch, 5, H, seq, d, device=device), dim=-1).requires_grad_(True)
+    W1 = (0.02 * torch.randn(batch, 6, H, d, m, device=device)).requires_grad_(True)
+    W2 = (torch.randn(batch, 6, H, m, d, device=device) / d ** 0.5).requires_grad_(True)
+    readout = (0.1 * torch.randn(2, H, d + 1, device=device)).requires_grad_(True)
+    variants = [("compiled", "compiled", None, False)] if device == "cuda" else [("torch", "torch", None, False)]
+    for precision in precisions:
+        variants.append((f"triton {precision}", "triton", precision, False))
+        if device == "cuda":
+            variants.append((f"triton {precision} + CUDA graphs", "triton", precision, True))
+    rows, default = [], chunk_grad.TRITON_PRECISION
+    for name, backend, precision, graphed in variants:
+        chunk_grad.TRITON_PRECISION = precision or default
+        graphs = CudaGraphs() if graphed else None
+        fn = lambda *xs: (memory_pass(*xs, spec, backend, C, graphs),)  # noqa: E731
+        try:
+            rows.append((name, time_it(fn, [z, W1, W2, readout], device, reps, warmup=0 if device == "cpu" else 3)))
+        except Exception as e:  # one variant that fails (out of memory, a compile error) leaves the others
+            rows.append((name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+        finally:
+            chunk_grad.TRITON_PRECISION = default
+    return rows
+
+
+def time_it(fn, xs, device, reps: int, warmup: int = 3) -> float:
     def once():
         fwd_bwd(fn, xs)
-    for _ in range(3):
+    for _ in range(warmup):
         once()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
@@ -180,7 +215,13 @@ def main():
     p.add_argument("--compile", action="store_true", help="also the compiled op on CPU (always on CUDA)")
     p.add_argument("--layer", action="store_true", help="also count a whole layer's launches per chunk step")
     p.add_argument("--host", action="store_true", help="also time the host work per chunk step, launches stubbed out")
+    p.add_argument("--pass", dest="memory_pass", action="store_true",
+                   help="time one layer's memory pass (hope/memory_pass.py) over a sequence instead")
+    p.add_argument("--seq", type=int, default=2048, help="--pass: sequence length")
+    p.add_argument("--precisions", default="tf32,bf16", help="--pass: HOPE_TRITON_PRECISION values to time")
     args = p.parse_args()
+    if args.memory_pass:
+        return main_memory_pass(args)
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{args.size}.yaml")
     C, d, m, H = cfg.chunk_size, cfg.head_dim, cfg.memory_width, cfg.num_heads
     act = activation(cfg.memory_activation)
@@ -222,6 +263,27 @@ def main():
         print(f"host work per chunk step of a layer around its 8 launches (hope/memory_pass.py, Triton launches "
               f"stubbed out): {us:.0f} us; x {cfg.num_layers} layers x {2048 // C} chunks = "
               f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
+
+
+
+def main_memory_pass(args):
+    size = args.size if args.device == "cuda" else "tiny"  # the interpreter: a check of the code, not a time
+    cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml")
+    seq = args.seq if args.device == "cuda" else 2 * cfg.chunk_size
+    precisions = args.precisions.split(",")
+    bad = [x for x in precisions if x not in chunk_grad.TRITON_PRECISIONS]
+    if bad:
+        raise SystemExit(f"--precisions: {bad} not among {', '.join(chunk_grad.TRITON_PRECISIONS)}")
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreted)'} | "
+          f"torch {torch.__version__} | {size}: one layer's memory pass (both passes), batch {args.batch} x {seq}, "
+          f"H={cfg.num_heads} d={cfg.head_dim} m={cfg.memory_width} C={cfg.chunk_size}, forward + backward")
+    for name, us in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps):
+        if isinstance(us, str):
+            print(f"  {name:30s} {us}", flush=True)
+            continue
+        bound = args.batch * seq / (us * 1e-6 * cfg.num_layers)
+        print(f"  {name:30s} {us / 1e3:9.2f} ms per layer  -> {bound:10,.0f} tokens/s for the memories "
+              f"of all {cfg.num_layers} layers alone", flush=True)
 
 
 if __name__ == "__main__":

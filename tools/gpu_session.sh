@@ -3,10 +3,11 @@
 # fits one device call (10 minutes):
 #
 #   bash tools/gpu_session.sh wheels      # here, once: wheels the GPU image lacks, into .whl/
-#   bash tools/gpu_session.sh             # there (device tool, carry [".whl"]): GPU tests, bench_chunk,
-#                                         # and bench_throughput with the Triton kernels; results in $OUT
-#   bash tools/gpu_session.sh throughput  # there, a second call: Triton with CUDA graphs, the compiled
-#                                         # op, and Triton with CUDA graphs at micro-batch 8
+#   bash tools/gpu_session.sh             # there (device tool, carry [".whl"]): one layer's memory pass
+#                                         # per backend and precision (bench_chunk --pass), the GPU tests,
+#                                         # the host work per chunk step; results in $OUT
+#   bash tools/gpu_session.sh throughput  # there, a second call: bench_throughput at 340M, 2K with
+#                                         # Triton + CUDA graphs at tf32 and bf16, and the compiled op
 #
 # The GPU image has torch, triton and numpy but no deepspeed and no network, hence the wheels
 # (Python 3.12). Each part has its own time limit, so one that hangs or runs out of memory does not
@@ -48,13 +49,13 @@ throughput() {  # throughput MICRO_BATCH: bench_throughput's command at 340M, 2K
         --steps 3 --warmup 2
 }
 if [ "${1:-}" = throughput ]; then
-    part throughput-graphs 180 $(throughput 4) --set memory_kernel=triton --set memory_cuda_graphs=true \
-        --json "$OUT/graphs.json"
-    part throughput-compiled 180 $(throughput 4) --set memory_kernel=compiled --json "$OUT/compiled.json"
-    part throughput-graphs-micro8 200 $(throughput 8) --set memory_kernel=triton --set memory_cuda_graphs=true \
-        --json "$OUT/graphs8.json"
+    for precision in tf32 bf16; do
+        part "throughput-graphs-$precision" 190 env HOPE_TRITON_PRECISION=$precision $(throughput 4) \
+            --set memory_kernel=triton --set memory_cuda_graphs=true --json "$OUT/graphs-$precision.json"
+    done
+    part throughput-compiled 170 $(throughput 4) --set memory_kernel=compiled --json "$OUT/compiled.json"
     exit 0
 fi
-part gpu-tests 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_projection_step.py -p no:cacheprovider
-part bench-chunk 100 python3 tools/bench_chunk.py --size 340M --batch 4 --host
-part throughput-triton 200 $(throughput 4) --set memory_kernel=triton --json "$OUT/triton.json"
+part memory-pass 200 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions tf32,bf16 --reps 5
+part gpu-tests 270 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_projection_step.py -p no:cacheprovider
+part host 60 python3 tools/bench_chunk.py --size 340M --batch 1 --reps 1 --host

@@ -1,14 +1,22 @@
 """Compile the Triton kernels of hope/ for a GPU target without a GPU; print their resources.
 
-    python tools/triton_resources.py [--arch 90] [--precision tf32] [--size 64]
+    python tools/triton_resources.py [--arch 90] [--precision tf32] [--size 64] [--warps 4]
 
 A kernel that needs more shared memory than the device has fails only at its first launch on the
 GPU; this catches it on any machine with Triton (which ships ptxas). H100 (sm_90): 227 KB per block.
+Also printed, from the compiled binary (cuobjdump): registers per thread, the bytes per thread
+spilled to local memory (the stack), and how many programs one SM can hold at once (the least of
+what its 228 KB of shared memory and 64K registers allow). These kernels have no loops, so a
+program is one long chain of dependent instructions: programs per SM is what hides their latency.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +37,9 @@ KERNELS = {  # kernel name -> (module, number of leading pointer arguments)
     "projection_read_fwd_kernel": (triton_projection, 6),
     "projection_read_bwd_kernel": (triton_projection, 17),
 }
-SHARED_LIMIT = {90: 232448, 80: 166912}
+SHARED_LIMIT = {90: 232448, 80: 166912}  # per block
+SHARED_PER_SM = {90: 233472, 80: 167936}  # per SM; each block also takes 1 KB reserved
+REGISTERS_PER_SM = 65536
 
 
 def compile_kernel(name: str, constants: dict, arch: int, warps: int):
@@ -46,12 +56,29 @@ def compile_kernel(name: str, constants: dict, arch: int, warps: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
+def registers_and_stack(compiled) -> tuple[int, int]:
+    """Registers per thread and stack (spill) bytes per thread, read from the cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return int(found[1]), int(found[2])
+
+
+def programs_per_sm(shared: int, registers: int, warps: int, arch: int) -> int:
+    by_shared = SHARED_PER_SM.get(arch, 0) // (shared + 1024)
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+    return min(by_shared, REGISTERS_PER_SM // (per_warp * warps), 64 // warps)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--precision", default="tf32", choices=("ieee", "tf32x3", "tf32"))
+    p.add_argument("--precision", default="tf32", choices=("ieee", "tf32x3", "tf32", "bf16"))
     p.add_argument("--size", type=int, default=64, help="C = d = m")
-    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--warps", type=int, default=4, choices=(4, 8))
     p.add_argument("--kernels", default=",".join(KERNELS))
     args = p.parse_args()
     n = args.size
@@ -62,9 +89,13 @@ def main():
     for name in args.kernels.split(","):
         start = time.perf_counter()
         compiled = compile_kernel(name, constants, args.arch, args.warps)
+        seconds = time.perf_counter() - start
         shared = compiled.metadata.shared
+        registers, stack = registers_and_stack(compiled)
         verdict = "" if limit is None else ("fits" if shared <= limit else f"EXCEEDS the {limit} B limit")
-        print(f"  {name:26s} shared {shared:7,d} B  {verdict:24s} compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"  {name:26s} shared {shared:7,d} B {verdict:5s} registers {registers:3d}  spilled {stack:5,d} B"
+              f"  programs/SM {programs_per_sm(shared, registers, args.warps, args.arch)}  compiled in {seconds:4.1f} s",
+              flush=True)
 
 
 if __name__ == "__main__":
