@@ -401,15 +401,17 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
         dW1p, dW2p = torch.empty_like(W1), torch.empty_like(W2)
         dhp, dup, dEp, dz = (q.new_empty(*q.shape[:-1], m) for _ in range(4))
         detap, dlgp = (q.new_empty(q.shape[:-1]) for _ in range(2))
-        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp, **shapes)
+        one_chunk = dict(sW=0, sK=0, sG=0)  # (memory_pass launches them over all chunks at once)
+        chunk_bwd_readout1_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dW1p, drp, dhp, detap, dlgp,
+                                        **one_chunk, **shapes)
         chunk_bwd_readout2_kernel[(n,)](W1, W2, k, v, eta, la, q, Ti, do, dz, dq, dW2p, dkp, dup, dEp, detap, dlgp,
-                                        **shapes)
+                                        **one_chunk, **shapes)
         partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)
     dW1, dW2 = torch.empty_like(W1), torch.empty_like(W2)
     dk, dvhat = (torch.empty(shape_k, dtype=k.dtype, device=k.device) for _ in range(2))
     deta, dla = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
     chunk_bwd_state_kernel[(n,)](W1, W2, k, v, eta, la, Ti, dW1n, dW2n, *partials,
-                                 dW1, dW2, dk, dvhat, deta, dla, HAS_Q=q is not None, **shapes)
+                                 dW1, dW2, dk, dvhat, deta, dla, iP=0, HAS_Q=q is not None, **shapes)
     dv = dvhat
     if targets:  # vhat = M(v): dv, and the targets' share added to dW1, dW2
         dv = torch.empty_like(dvhat)

@@ -11,12 +11,14 @@ so the main memory is a sixth memory of the same write, the one that also reads 
                        gradients to chunk i - 1.
 The same values as the per-chunk ops, with no autograd node or gradient sum per chunk. The
 Triton loops (`_triton_forward_loop`, `_triton_backward_loop`) call the kernels directly on buffers
-allocated once per pass: a chunk step is 3 launches forward and 5 backward, each for all six
-memories (one gated-delta-rule inverse, which depends on k, eta, alpha only; the main memory's
-programs in the same waves as the projection memories' instead of a fraction of the GPU on their
-own). `CudaGraphs` captures those loops and replays them (`memory_cuda_graphs`). The PyTorch
-backends (torch, compiled) go through hope/chunk_grad.py's functions, the five memories and the
-main memory as two calls.
+allocated once per pass: a chunk step is 3 launches forward (read, gated-delta-rule inverse, the six
+writes) and 3 backward (the six writes' adjoint, the targets', the read's), each for all six memories:
+the main memory's programs run in the same waves as the projection memories' instead of a fraction
+of the GPU on their own. The main memory's read-out, and its adjoint, need each chunk's start state
+and no state gradient, so they leave the chunk loop: one launch per pass (two backward) over all
+chunks, B x H x n programs. `CudaGraphs` captures those loops and replays them
+(`memory_cuda_graphs`). The PyTorch backends (torch, compiled) go through hope/chunk_grad.py's
+functions, the five memories and the main memory as two calls.
 """
 from __future__ import annotations
 
@@ -64,8 +66,10 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
     """_forward_loop with the Triton kernels called directly: every chunk's tensors are slices of
     buffers allocated once, so a chunk step is its 3 launches and little else on the host. (Through
     projection_step's read wrappers, with their checks and conversions, the host work per chunk step
-    was ~2x: `bench_chunk.py --host` 191-227 us against 88-131 us on the 2-core CPU.)"""
-    from .triton_chunk import chunk_fwd_kernel, delta_rule_inverse_kernel
+    was ~2x: `bench_chunk.py --host` 191-227 us against 88-131 us on the 2-core CPU.) The main
+    memory's read-out needs only each chunk's start state: one launch after the loop reads out all
+    chunks, B x H x n programs, instead of a part of every chunk step's."""
+    from .triton_chunk import chunk_fwd_kernel, chunk_readout_kernel, delta_rule_inverse_kernel
     from .triton_projection import projection_read_fwd_kernel
     B, X, H, T, d = z.shape
     n, m, options = T // C, W1.shape[-1], chunk_grad.triton_options()
@@ -85,8 +89,18 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
         if spec.dgd:
             delta_rule_inverse_kernel[(B * H,)](k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, **options)
         chunk_fwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, q, Ti[i], W1s[i + 1], W2s[i + 1], o[i], 6, H,
-                                       DGD=spec.dgd, HAS_Q=True, TARGETS=spec.targets, **shapes)
+                                       DGD=spec.dgd, HAS_Q=False, TARGETS=spec.targets, **shapes)
+    k, v, q = kvq[0]
+    eta, la = gates[0]
+    chunk_readout_kernel[(B * H, n)](W1s, W2s, k, v, eta, la, q, Ti, o, 6, H, *_chunk_strides(W1s, kvq, gates),
+                                     DGD=spec.dgd, TARGETS=spec.targets, **shapes)
     return token_major(o), [W1s, W2s, kvq, gates, Ti]
+
+
+def _chunk_strides(W1s, kvq, gates) -> tuple[int, int, int]:
+    """Elements from one chunk to the next in the states, in k, v, q and in the gates (sW, sK, sG of
+    the read-out kernels launched over all chunks: triton_chunk._chunk_of_pass)."""
+    return W1s.stride(0), kvq.stride(0), gates.stride(0)
 
 
 def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
@@ -101,32 +115,38 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
     do = chunk_major(do, C)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dreadout = z.new_empty(n, B, *readout.shape)
-    # state gradients after / before the chunk (swapped each step), the read-out's partial adjoints,
-    # and the per-memory gradients of the writes: reused by every chunk
+    # state gradients after / before the chunk (swapped each step) and the per-memory gradients of
+    # the writes: reused by every chunk
     dW1, dW2 = W1s.new_zeros(2, *W1s.shape[1:]), W2s.new_zeros(2, *W2s.shape[1:])
-    dW1p, dW2p = z.new_empty(B * H, d, m), z.new_empty(B * H, m, d)
-    dkp, drp, dq = (z.new_empty(B, H, C, d) for _ in range(3))
-    dhp, dup, dEp, dzr = (z.new_empty(B, H, C, m) for _ in range(4))
-    detap, dlgp = z.new_empty(B, H, C), z.new_empty(B, H, C)
     dk, dvhat, dv = (z.new_empty(B, 6, H, C, d) for _ in range(3))
     deta, dla = z.new_empty(B, 6, H, C), z.new_empty(B, 6, H, C)
+    # The read-out's adjoint needs no state gradient: its partial adjoints for every chunk come first,
+    # two launches of B x H x n programs, and each chunk step of the loop reads its own.
+    dW1p, dW2p = z.new_empty(n, B * H, d, m), z.new_empty(n, B * H, m, d)
+    dkp, drp, dq = (z.new_empty(n, B, H, C, d) for _ in range(3))
+    dhp, dup, dEp, dzr = (z.new_empty(n, B, H, C, m) for _ in range(4))
+    detap, dlgp = z.new_empty(n, B, H, C), z.new_empty(n, B, H, C)
+    k, v, q = kvq[0]
+    eta, la = gates[0]
+    inputs = (W1s, W2s, k, v, eta, la, q, Ti, do)
+    strides = _chunk_strides(W1s, kvq, gates)
+    chunk_bwd_readout1_kernel[(B * H, n)](*inputs, dzr, dW1p, drp, dhp, detap, dlgp, 6, H, *strides, **shapes)
+    chunk_bwd_readout2_kernel[(B * H, n)](*inputs, dzr, dq, dW2p, dkp, dup, dEp, detap, dlgp, 6, H, *strides, **shapes)
+    partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)  # the state kernel finds chunk i's (i B H):
+    # a view per partial and chunk cost more host time than the launches (bench_chunk.py --host)
     for i in reversed(range(n)):
         after, before = (n - 1 - i) % 2, (n - i) % 2
         k, v, q = kvq[i]
         eta, la = gates[i]
-        inputs = (W1s[i], W2s[i], k, v, eta, la)
-        chunk_bwd_readout1_kernel[(B * H,)](*inputs, q, Ti[i], do[i], dzr, dW1p, drp, dhp, detap, dlgp, 6, H, **shapes)
-        chunk_bwd_readout2_kernel[(B * H,)](*inputs, q, Ti[i], do[i], dzr, dq, dW2p, dkp, dup, dEp, detap, dlgp, 6, H,
-                                            **shapes)
-        chunk_bwd_state_kernel[(B * 6 * H,)](*inputs, Ti[i], dW1[after], dW2[after], dW1p, dW2p, dkp, drp, dhp, dup, dEp,
-                                             detap, dlgp, dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H,
+        chunk_bwd_state_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, Ti[i], dW1[after], dW2[after], *partials,
+                                             dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H, i * B * H,
                                              HAS_Q=True, **shapes)
         if spec.targets:
             targets_bwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], v, dvhat, dW1[before], dW2[before], dv, 6, H, C=C, D=d, M=m,
                                              PREC=shapes["PREC"])
         zc, dzc = z[:, :, :, i * C:(i + 1) * C], dz[:, :, :, i * C:(i + 1) * C]
         projection_read_bwd_kernel[(B * X * H,)](
-            zc, W1s[i], W2s[i], readout, dq, dq, dq, dq, dq, dk, dv if spec.targets else dvhat, deta, dla,
+            zc, W1s[i], W2s[i], readout, *(dq[i],) * 5, dk, dv if spec.targets else dvhat, deta, dla,
             dW1[before], dW2[before], dzc, dreadout[i], *zc.stride()[:4], *dzc.stride()[:4], B, H, C, spec.eta_max,
             spec.eps, C=C, D=d, M=m, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=spec.normalize_v, DECAY=spec.decay,
             PREC=shapes["PREC"])
@@ -177,7 +197,7 @@ class CudaGraphs:
 
     The chunk loops are a fixed sequence of launches on tensors whose shapes follow the input's,
     so each loop is captured once and then replayed: one launch of the graph instead of the host
-    work of 8 launches per chunk step (bench_chunk.py --host). Inputs are copied into the graph's
+    work of 6 launches per chunk step (bench_chunk.py --host). Inputs are copied into the graph's
     own tensors and outputs cloned out of them: the next replay overwrites them. The forward's
     saved tensors stay in the graph's memory between steps.
     """

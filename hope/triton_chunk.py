@@ -18,8 +18,10 @@ dual-form read-out in two halves (`chunk_bwd_readout1_kernel` up to dz = d(W2_t 
 `chunk_bwd_readout2_kernel`), which hand partial adjoints (7 tiles, and the gate adjoints
 already reduced to two vectors) to `chunk_bwd_state_kernel`: the chunk-end state, the delta rule,
 the gates and the inner gradients; with TARGETS, `targets_bwd_kernel` takes d vhat on to v. Each kernel recomputes the forward quantities it needs
-(`_recompute`). tools/triton_resources.py compiles them for sm_90 without a GPU and prints their
-shared memory.
+(`_recompute`). hope/memory_pass.py runs the read-out apart from the writes: `chunk_readout_kernel`
+(the forward's read-out alone) and the two read-out adjoint kernels, each once over all chunks of a
+pass (`_chunk_of_pass`). tools/triton_resources.py compiles them for sm_90 without a GPU and
+prints their shared memory, registers and spills.
 """
 from __future__ import annotations
 
@@ -206,21 +208,58 @@ def chunk_fwd_kernel(W1, W2, K, V, ETA, LA, Q, TI, W1N, W2N, O,
 
     if HAS_Q:  # the group's last memory reads q out (groups of one: every memory)
         if (n // SH) % SX == SX - 1:
-            g = tl.exp(lg)
-            Dm = G * eta[None, :]
-            q = tl.load(Q + kcd)
-            qk, Y, z = _readout_z(q, k, w2, u, E, G, Dm, g, DGD, PREC)
-            hq = z * tl.sigmoid(z)
-            read = g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
-            tl.store(O + kcd, q + read)
+            tl.store(O + kcd, _readout_o(tl.load(Q + kcd), k, w1, w2, h, r, u, E, G, lg, eta, DGD, PREC))
+
+
+@triton.jit
+def _readout_o(q, k, w1, w2, h, r, u, E, G, lg, eta, DGD: tl.constexpr, PREC: tl.constexpr):
+    """o = q + M_t(q), the dual-form read-out of every token t of the chunk under its own state."""
+    g = tl.exp(lg)
+    Dm = G * eta[None, :]
+    qk, Y, z = _readout_z(q, k, w2, u, E, G, Dm, g, DGD, PREC)
+    hq = z * tl.sigmoid(z)
+    return q + g[:, None] * _dot(hq, tl.trans(w1), PREC) - _dot(Dm * _dot(hq, tl.trans(h), PREC), r, PREC)
+
+
+@triton.jit
+def _chunk_of_pass(sW, sK, sG):
+    """Offsets of chunk i = program_id(1), for read-out kernels launched once over every chunk of a
+    pass (hope/memory_pass.py; one chunk otherwise, i = 0): in the states [n + 1, B, X, H, ...] (sW),
+    the k, v, q [n, 3, B, H, C, d] (sK), the gates [n, 2, B, H, C] (sG), and i * P for the tensors
+    [n, P, ...] that hold P = num_programs(0) tiles per chunk."""
+    i = tl.program_id(1).to(tl.int64)
+    return i * sW, i * sK, i * sG, i * tl.num_programs(0)
+
+
+@triton.jit
+def chunk_readout_kernel(W1, W2, K, V, ETA, LA, Q, TI, O, SX, SH, sW, sK, sG,
+                         C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                         DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
+    """chunk_fwd_kernel's read-out alone, for all chunks of a pass in one launch (grid: groups x
+    chunks): it needs only each chunk's start state, so it leaves the chunk-to-chunk loop."""
+    oW, oK, oG, oP = _chunk_of_pass(sW, sK, sG)
+    n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
+    w1 = tl.load(W1 + oW + dm)
+    w2 = tl.load(W2 + oW + md)
+    k = tl.load(K + oK + kcd)
+    eta = tl.load(ETA + oG + kcv)
+    lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
+        w1, w2, k, _values(V + oK, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + oG + kcv), TI + oP * C * C, nk, rc,
+        C, DGD, PREC)
+    tl.store(O + oP * C * D + kcd, _readout_o(tl.load(Q + oK + kcd), k, w1, w2, h, r, u, E, G, lg, eta, DGD, PREC))
 
 
 @triton.jit
 def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
                               DZ, DW1P, DRP, DHP, DETAP, DLGP,
-                              SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                              SX, SH, sW, sK, sG, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
-    """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t)."""
+    """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t).
+    It needs no state gradient, so memory_pass runs it for all chunks in one launch (_chunk_of_pass)."""
+    oW, oK, oG, oP = _chunk_of_pass(sW, sK, sG)
+    W1, W2, K, V, Q, ETA, LA = W1 + oW, W2 + oW, K + oK, V + oK, Q + oK, ETA + oG, LA + oG
+    TI, DO, DZ, DW1P, DRP, DHP = TI + oP * C * C, DO + oP * C * D, DZ + oP * C * M, DW1P + oP * D * M, DRP + oP * C * D, DHP + oP * C * M
+    DETAP, DLGP = DETAP + oP * C, DLGP + oP * C
     n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
@@ -255,9 +294,13 @@ def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
 @triton.jit
 def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
                               DQ, DW2P, DKP, DUP, DEP, DETAP, DLGP,
-                              SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                              SX, SH, sW, sK, sG, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
+    oW, oK, oG, oP = _chunk_of_pass(sW, sK, sG)
+    W1, W2, K, V, Q, ETA, LA = W1 + oW, W2 + oW, K + oK, V + oK, Q + oK, ETA + oG, LA + oG
+    TI, DO, DZ, DQ, DW2P, DKP = TI + oP * C * C, DO + oP * C * D, DZ + oP * C * M, DQ + oP * C * D, DW2P + oP * M * D, DKP + oP * C * D
+    DUP, DEP, DETAP, DLGP = DUP + oP * C * M, DEP + oP * C * M, DETAP + oP * C, DLGP + oP * C
     n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
     w1 = tl.load(W1 + dm)
     w2 = tl.load(W2 + md)
@@ -300,7 +343,7 @@ def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
 def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
                            DW1P, DW2P, DKP, DRP, DHP, DUP, DEP, DETAP, DLGP,
                            DW1, DW2, DK, DVH, DETA, DLA,
-                           SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                           SX, SH, iP, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                            DGD: tl.constexpr, HAS_Q: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients.
 
@@ -322,9 +365,13 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
     DC = GC * eta
-    # the read-out's partial adjoints, for the memory of the group that reads q out (offsets: the group's)
+    # the read-out's partial adjoints, for the memory of the group that reads q out (offsets: the
+    # group's; iP: this chunk's first group when they are held for all chunks, [n, P, ...])
     reads = ((n // SH) % SX == SX - 1).to(tl.int32) if HAS_Q else 0
     _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(nk, 1, 1, C, D, M)
+    iP = iP.to(tl.int64)
+    DW1P, DW2P, DKP, DRP = DW1P + iP * D * M, DW2P + iP * M * D, DKP + iP * C * D, DRP + iP * C * D
+    DHP, DUP, DEP, DETAP, DLGP = DHP + iP * C * M, DUP + iP * C * M, DEP + iP * C * M, DETAP + iP * C, DLGP + iP * C
     deta = _load_if(DETAP, kcv, reads)
     dlg = _load_if(DLGP, kcv, reads)
 

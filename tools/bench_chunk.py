@@ -260,7 +260,7 @@ def main():
             print(f"  {kernel:28s} {layer_launches_per_chunk(args.size, kernel):6.0f} launches", flush=True)
     if args.host:
         us = host_us_per_chunk_step(cfg)
-        print(f"host work per chunk step of a layer around its 8 launches (hope/memory_pass.py, Triton launches "
+        print(f"host work per chunk step of a layer around its 6 launches (hope/memory_pass.py, Triton launches "
               f"stubbed out): {us:.0f} us; x {cfg.num_layers} layers x {2048 // C} chunks = "
               f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
 

@@ -27,15 +27,16 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hope import triton_chunk, triton_projection  # noqa: E402
 
-KERNELS = {  # kernel name -> (module, number of leading pointer arguments)
-    "delta_rule_inverse_kernel": (triton_chunk, 4),
-    "targets_bwd_kernel": (triton_chunk, 7),
-    "chunk_fwd_kernel": (triton_chunk, 11),
-    "chunk_bwd_readout1_kernel": (triton_chunk, 15),
-    "chunk_bwd_readout2_kernel": (triton_chunk, 17),
-    "chunk_bwd_state_kernel": (triton_chunk, 24),
-    "projection_read_fwd_kernel": (triton_projection, 6),
-    "projection_read_bwd_kernel": (triton_projection, 17),
+KERNELS = {  # kernel name -> (module, number of leading pointer arguments, constants as memory_pass sets them)
+    "delta_rule_inverse_kernel": (triton_chunk, 4, {}),
+    "targets_bwd_kernel": (triton_chunk, 7, {}),
+    "chunk_fwd_kernel": (triton_chunk, 11, {"HAS_Q": False}),  # (the per-chunk op also reads q out inside it)
+    "chunk_readout_kernel": (triton_chunk, 9, {}),
+    "chunk_bwd_readout1_kernel": (triton_chunk, 15, {}),
+    "chunk_bwd_readout2_kernel": (triton_chunk, 17, {}),
+    "chunk_bwd_state_kernel": (triton_chunk, 24, {}),
+    "projection_read_fwd_kernel": (triton_projection, 6, {}),
+    "projection_read_bwd_kernel": (triton_projection, 17, {}),
 }
 SHARED_LIMIT = {90: 232448, 80: 166912}  # per block
 SHARED_PER_SM = {90: 233472, 80: 167936}  # per SM; each block also takes 1 KB reserved
@@ -43,11 +44,12 @@ REGISTERS_PER_SM = 65536
 
 
 def compile_kernel(name: str, constants: dict, arch: int, warps: int):
-    module, pointers = KERNELS[name]
+    module, pointers, overrides = KERNELS[name]
+    constants = {**constants, **overrides}
     kernel = getattr(module, name)
     names = list(kernel.arg_names)
     # runtime scalars: memories sharing k, eta, alpha; strides and sizes; the read-outs' floats
-    integers = {"SX", "SH", "sZb", "sZx", "sZh", "sZc", "sDb", "sDx", "sDh", "sDc", "B", "H", "VALID"}
+    integers = {"SX", "SH", "sW", "sK", "sG", "iP", "sZb", "sZx", "sZh", "sZc", "sDb", "sDx", "sDh", "sDc", "B", "H", "VALID"}
     floats = {"ETA_MAX", "EPS"}
     signature = {arg: ("*fp32" if i < pointers else "i32" if arg in integers else "fp32" if arg in floats
                        else "constexpr") for i, arg in enumerate(names)}
