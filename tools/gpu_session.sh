@@ -4,8 +4,9 @@
 #
 #   bash tools/gpu_session.sh wheels      # here, once: wheels the GPU image lacks, into .whl/
 #   bash tools/gpu_session.sh             # there (device tool, carry [".whl"]): one layer's memory pass
-#                                         # per backend and precision (bench_chunk --pass), the GPU tests,
-#                                         # the host work per chunk step; results in $OUT
+#                                         # per backend and precision (bench_chunk --pass), then the GPU
+#                                         # tests in 8 processes (Triton compiles each kernel variant at
+#                                         # its first launch, one at a time per process); results in $OUT
 #   bash tools/gpu_session.sh throughput  # there, a second call: bench_throughput at 340M, 2K with
 #                                         # Triton + CUDA graphs at tf32 and bf16, and the compiled op
 #
@@ -20,7 +21,7 @@ if [ "${1:-}" = wheels ]; then
     python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
     python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .whl \
         hjson pydantic pydantic_core annotated_types typing_extensions typing_inspection py-cpuinfo \
-        msgpack ninja psutil tqdm einops fsspec pytest pluggy iniconfig pytest-timeout
+        msgpack ninja psutil tqdm einops fsspec pytest pluggy iniconfig pytest-timeout pytest-xdist execnet
     ls .whl
     exit 0
 fi
@@ -56,6 +57,6 @@ if [ "${1:-}" = throughput ]; then
     part throughput-compiled 170 $(throughput 4) --set memory_kernel=compiled --json "$OUT/compiled.json"
     exit 0
 fi
-part memory-pass 200 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions tf32,bf16 --reps 5
-part gpu-tests 270 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_projection_step.py -p no:cacheprovider
-part host 60 python3 tools/bench_chunk.py --size 340M --batch 1 --reps 1 --host
+part memory-pass 300 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions tf32,bf16 --reps 5
+part gpu-tests 250 python3 -m pytest -q -n 8 -m gpu tests/test_kernels.py tests/test_projection_step.py \
+    -p no:cacheprovider
