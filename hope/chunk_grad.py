@@ -320,7 +320,8 @@ def _implementation(backend: str) -> Backend:
 
 # How the Triton kernels multiply (HOPE_TRITON_PRECISION): "tf32" (the default); "bf16" (bf16
 # operands, fp32 accumulation, fp32 states: a third to a half of tf32's shared memory per program,
-# hence twice the programs per SM; ~1e-2 relative error on a layer's outputs and gradients);
+# so every kernel holds 2 or more programs per SM; ~1e-2 relative error on a layer's outputs and
+# gradients);
 # "tf32x3" (~fp32); "ieee" (exact fp32) is for the interpreter: compiled for a GPU it unrolls into
 # scalar code that takes minutes to build. Programs run 4 warps: at 8, tools/triton_resources.py
 # finds as many bytes spilled per thread, so no more programs per SM.
@@ -331,8 +332,8 @@ if TRITON_PRECISION not in TRITON_PRECISIONS:
 
 
 def triton_options() -> dict:
-    """The launch options of every Triton kernel of hope/. Triton's interpreter
-    multiplies bf16 tiles wrongly (3.9), so there "bf16" rounds the operands to bf16 in fp32 instead."""
+    """The launch options of every Triton kernel of hope/. Triton's interpreter multiplies bf16
+    tiles wrongly (3.9), so there "bf16" rounds the operands to bf16 in fp32 instead."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     prec = "bf16-emulated" if TRITON_PRECISION == "bf16" and interpreted else TRITON_PRECISION
     return dict(PREC=prec)

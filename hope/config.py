@@ -10,7 +10,6 @@ The open choices and their reasons are in docs/DESIGN_CHOICES.md.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

@@ -266,7 +266,6 @@ def main():
               f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
 
 
-
 def main_memory_pass(args):
     size = args.size if args.device == "cuda" else "tiny"  # the interpreter: a check of the code, not a time
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml")
