@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .config import MEMORY_PRECISIONS
 from .memory import activation
 
 
@@ -304,13 +306,13 @@ class Backend(NamedTuple):
 _COMPILED: list[Backend] = []
 
 
-def _implementation(backend: str) -> Backend:
+def _implementation(backend: str, precision: str = "tf32") -> Backend:
     """The chunk update's functions: eager, torch.compile'd once per process (shapes specialise),
-    or the Triton kernels."""
+    or the Triton kernels, multiplying at `precision` (the others run in the inputs' dtype)."""
     if backend == "torch":
         return Backend(write_forward, write_backward)
     if backend == "triton":
-        return Backend(_triton_forward, _triton_backward)
+        return Backend(partial(_triton_forward, precision=precision), partial(_triton_backward, precision=precision))
     if backend != "compiled":
         raise ValueError(f"unknown chunk backend {backend!r}")
     if not _COMPILED:
@@ -318,25 +320,19 @@ def _implementation(backend: str) -> Backend:
     return _COMPILED[0]
 
 
-# How the Triton kernels multiply (HOPE_TRITON_PRECISION): "tf32" (the default); "bf16" (bf16
-# operands, fp32 accumulation, fp32 states: a third to a half of tf32's shared memory per program,
-# so every kernel holds 2 or more programs per SM; ~1e-2 relative error on a layer's outputs and
-# gradients);
-# "tf32x3" (~fp32); "ieee" (exact fp32) is for the interpreter: compiled for a GPU it unrolls into
-# scalar code that takes minutes to build. Programs run 4 warps: at 8, tools/triton_resources.py
-# finds as many bytes spilled per thread, so no more programs per SM.
-TRITON_PRECISIONS = ("tf32", "bf16", "tf32x3", "ieee")
-TRITON_PRECISION = os.environ.get("HOPE_TRITON_PRECISION", "tf32")
-if TRITON_PRECISION not in TRITON_PRECISIONS:
-    raise ValueError(f"HOPE_TRITON_PRECISION={TRITON_PRECISION!r}: expected one of {', '.join(TRITON_PRECISIONS)}")
-
-
-def triton_options() -> dict:
-    """The launch options of every Triton kernel of hope/. Triton's interpreter multiplies bf16
-    tiles wrongly (3.9), so there "bf16" rounds the operands to bf16 in fp32 instead."""
+def triton_options(precision: str) -> dict:
+    """The launch options of every Triton kernel of hope/, multiplying at `precision` (the model
+    field memory_precision): "tf32" (the default); "bf16" (bf16 operands, fp32 accumulation, fp32
+    states: a third to a half of tf32's shared memory per program, so every kernel holds 2 or more
+    programs per SM; ~1e-2 relative error on a layer's outputs and gradients); "tf32x3" (~fp32);
+    "ieee" (exact fp32) is for the interpreter: compiled for a GPU it unrolls into scalar code that
+    takes minutes to build. Triton's interpreter multiplies bf16 tiles wrongly (3.9), so there
+    "bf16" rounds the operands to bf16 in fp32 instead. Programs run 4 warps: at 8,
+    tools/triton_resources.py finds as many bytes spilled per thread, so no more programs per SM."""
+    if precision not in MEMORY_PRECISIONS:
+        raise ValueError(f"memory_precision: expected one of {list(MEMORY_PRECISIONS)}, got {precision!r}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    prec = "bf16-emulated" if TRITON_PRECISION == "bf16" and interpreted else TRITON_PRECISION
-    return dict(PREC=prec)
+    return dict(PREC="bf16-emulated" if precision == "bf16" and interpreted else precision)
 
 
 def _shared_inputs(*tensors, share: bool = True):
@@ -357,33 +353,33 @@ def _shared_inputs(*tensors, share: bool = True):
             math.prod(lead[dims[-1] + 1:]))
 
 
-def _delta_rule_inverse(k, eta, la):
+def _delta_rule_inverse(k, eta, la, precision: str):
     """T = (I + L)^-1 of the chunk, one launch (contiguous inputs): the kernels take it as an input
     (it needs no memory state). The same doubling as unit_lower_inverse, ~60 small launches here."""
     from .triton_chunk import delta_rule_inverse_kernel
     C, d = k.shape[-2], k.shape[-1]
     T = torch.empty(*k.shape[:-1], C, dtype=k.dtype, device=k.device)
     delta_rule_inverse_kernel[(k.numel() // (C * d),)](k, eta, la, T, C=C, D=d, LOG2C=C.bit_length() - 1,
-                                                       **triton_options())
+                                                       **triton_options(precision))
     return T
 
 
-def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets):
+def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets, precision: str):
     from .triton_chunk import chunk_fwd_kernel
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=q is None)  # every memory reads its q out
-    Ti = _delta_rule_inverse(k, eta, la) if dgd else None
+    Ti = _delta_rule_inverse(k, eta, la, precision) if dgd else None
     W1, W2 = W1.contiguous(), W2.contiguous()
     q = None if q is None else q.contiguous()
     W1n, W2n = torch.empty_like(W1), torch.empty_like(W2)
     o = torch.empty_like(q) if q is not None else None
     chunk_fwd_kernel[(W1.numel() // (d * m),)](
         W1, W2, k, v, eta, la, k if q is None else q, k if Ti is None else Ti, W1n, W2n, k if o is None else o,
-        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, TARGETS=targets, **triton_options())  # k: a placeholder, never read
+        SX, SH, C=C, D=d, M=m, DGD=dgd, HAS_Q=q is not None, TARGETS=targets, **triton_options(precision))  # k: a placeholder, never read
     return W1n, W2n, o, Ti  # T is kept for the backward (C x C per memory) instead of recomputed
 
 
-def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, targets, Ti=None):
+def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, targets, Ti=None, *, precision: str):
     from .triton_chunk import (chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel,
                                targets_bwd_kernel)
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
@@ -392,7 +388,7 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     W1, W2, dW1n, dW2n = (t.contiguous() for t in (W1, W2, dW1n, dW2n))
     n = W1.numel() // (d * m)
     Ti = k if Ti is None else Ti  # without DGD the kernels never read it
-    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, **triton_options())
+    shapes = dict(SX=SX, SH=SH, C=C, D=d, M=m, DGD=dgd, TARGETS=targets, **triton_options(precision))
     dq = None
     partials = (k,) * 9  # placeholders: without a read-out the state kernel never reads them
     if q is not None:  # partial adjoints of the read-out, for the state kernel (every memory reads q out:
@@ -416,7 +412,7 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     dv = dvhat
     if targets:  # vhat = M(v): dv, and the targets' share added to dW1, dW2
         dv = torch.empty_like(dvhat)
-        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, **triton_options())
+        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, **triton_options(precision))
     return dW1, dW2, dk, dv, deta, dla, dq
 
 
@@ -428,7 +424,7 @@ class ChunkUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, act_name, targets):
+    def forward(ctx, W1, W2, k, vhat, eta, la, q, dgd, backend, act_name, targets, precision):
         inputs = (W1, W2, k, vhat, eta, la, q)
         ctx.shapes = [None if x is None else x.shape for x in inputs]
         # Broadcast every input to the full batch of memories (views), so that the hand-written
@@ -436,8 +432,8 @@ class ChunkUpdate(torch.autograd.Function):
         tails = (2, 2, 2, 2, 1, 1, 2)  # trailing non-batch dims: matrices, then eta and la [..., C]
         lead = torch.broadcast_shapes(*(x.shape[:x.ndim - t] for x, t in zip(inputs, tails) if x is not None))
         inputs = [None if x is None else x.expand(*lead, *x.shape[x.ndim - t:]) for x, t in zip(inputs, tails)]
-        ctx.dgd, ctx.backend, ctx.act_name, ctx.targets = dgd, backend, act_name, targets
-        W1n, W2n, o, *kept = _implementation(backend).forward(*inputs, dgd, act_name, targets)  # Triton keeps T
+        ctx.dgd, ctx.backend, ctx.act_name, ctx.targets, ctx.precision = dgd, backend, act_name, targets, precision
+        W1n, W2n, o, *kept = _implementation(backend, precision).forward(*inputs, dgd, act_name, targets)  # Triton keeps T
         ctx.save_for_backward(*inputs, *kept)
         return W1n, W2n, o
 
@@ -446,10 +442,10 @@ class ChunkUpdate(torch.autograd.Function):
         W1, W2, k, v, eta, la, q, *kept = ctx.saved_tensors
         if q is not None and do is None:
             do = torch.zeros_like(q)
-        grads = list(_implementation(ctx.backend).backward(W1, W2, k, v, eta, la, q, ctx.dgd, dW1n, dW2n, do,
-                                                           ctx.act_name, ctx.targets, *kept))
+        grads = list(_implementation(ctx.backend, ctx.precision).backward(
+            W1, W2, k, v, eta, la, q, ctx.dgd, dW1n, dW2n, do, ctx.act_name, ctx.targets, *kept))
         grads = [None if g is None else g.sum_to_size(shape) for g, shape in zip(grads, ctx.shapes)]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def padded_length(C: int, backend: str) -> int:
@@ -458,7 +454,7 @@ def padded_length(C: int, backend: str) -> int:
 
 
 def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: str = "torch", act_name: str = "silu",
-                       targets: bool = False):
+                       targets: bool = False, precision: str = "tf32"):
     """One chunk's writes (and read-out if q is given) with a recomputing backward; no momentum.
 
     Inputs broadcast like memory._chunk_update's (the projection memories share k, v, eta, alpha);
@@ -466,6 +462,7 @@ def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: 
     (hope/triton_chunk.py: SiLU, head and memory widths powers of two >= 16). targets=True: the
     fourth input is v, and the values written are the self-generated targets M(v) at the
     chunk-start state (memory_forward), computed inside the op rather than by autograd around it.
+    precision: the Triton kernels' matmuls (config.MEMORY_PRECISIONS).
     """
     C = k.shape[-2]
     padded = padded_length(C, backend)
@@ -474,5 +471,5 @@ def fused_chunk_update(W1, W2, k, vhat, eta, la, q=None, *, dgd: bool, backend: 
         pad = padded - C
         k, vhat, eta, la = F.pad(k, (0, 0, 0, pad)), F.pad(vhat, (0, 0, 0, pad)), F.pad(eta, (0, pad)), F.pad(la, (0, pad))
         q = None if q is None else F.pad(q, (0, 0, 0, pad))
-    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name, targets)
+    W1n, W2n, o = ChunkUpdate.apply(W1, W2, k, vhat, eta, la, q, dgd, backend, act_name, targets, precision)
     return W1n, W2n, (None if o is None else o[..., :C, :])

@@ -24,6 +24,9 @@ PROJECTION_MEMORIES = ("k", "v", "q", "eta", "alpha")
 # interpreter, not yet timed on a GPU); "auto" = compiled when training on CUDA without inner
 # momentum, else reference.
 MEMORY_KERNELS = ("auto", "reference", "torch", "compiled", "triton")
+# How the Triton kernels multiply (hope/chunk_grad.py: triton_options): tf32, bf16 operands with fp32
+# accumulation, ~fp32 in three tf32 products, or exact fp32 (for the interpreter).
+MEMORY_PRECISIONS = ("tf32", "bf16", "tf32x3", "ieee")
 MIXERS = ("titans", "attention")
 ACTIVATIONS = ("silu", "gelu", "tanh")
 
@@ -70,6 +73,7 @@ class HopeConfig(PretrainedConfig):
         output_gate: bool = True,
         memory_kernel: str = "auto",  # auto | reference | torch | compiled | triton (MEMORY_KERNELS above)
         memory_cuda_graphs: bool = False,  # triton: each layer's chunk loops as CUDA graphs (hope/memory_pass.py)
+        memory_precision: str = "tf32",  # triton: the kernels' matmuls, tf32 | bf16 | tf32x3 | ieee (hope/chunk_grad.py)
         # --- continuum memory system (section 3): one residual SwiGLU MLP per level ---
         cms_hidden_sizes: tuple[int, ...] | list[int] = (2816,),
         cms_periods: tuple[int, ...] | list[int] = (0,),  # tokens between updates; 0 = every step
@@ -109,6 +113,7 @@ class HopeConfig(PretrainedConfig):
         self.output_gate = output_gate
         self.memory_kernel = memory_kernel
         self.memory_cuda_graphs = memory_cuda_graphs
+        self.memory_precision = memory_precision
         self.cms_hidden_sizes = list(cms_hidden_sizes)
         self.cms_periods = list(cms_periods)
         self.rope_theta = rope_theta
@@ -169,6 +174,8 @@ class HopeConfig(PretrainedConfig):
             fail("memory_activation", f"expected one of {list(ACTIVATIONS)}, got {self.memory_activation!r}")
         if self.memory_kernel not in MEMORY_KERNELS:
             fail("memory_kernel", f"expected one of {list(MEMORY_KERNELS)}, got {self.memory_kernel!r}")
+        if self.memory_precision not in MEMORY_PRECISIONS:
+            fail("memory_precision", f"expected one of {list(MEMORY_PRECISIONS)}, got {self.memory_precision!r}")
         if self.memory_kernel in ("torch", "compiled", "triton") and self.inner_momentum:
             fail("memory_kernel", f"{self.memory_kernel!r} has no inner momentum; use 'reference' or 'auto' with inner_momentum")
         if self.memory_kernel == "triton":

@@ -45,7 +45,7 @@ def chunk_major(o: torch.Tensor, C: int) -> torch.Tensor:
 def _write(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec):
     """All six memories (W [B, 6, H, ...]) write k, v, eta, la; the last reads q out, with the
     PyTorch backends: the five and the main memory as two calls. -> (W1_new, W2_new, o [B, 1, H, C, d])"""
-    write = chunk_grad._implementation(backend)
+    write = chunk_grad._implementation(backend, spec.precision)
     args = (spec.dgd, spec.act_name, spec.targets)
     five = write.forward(W1[:, :5], W2[:, :5], *_shared(W1[:, :5], k, v, eta, la), None, *args)
     main = write.forward(W1[:, 5:], W2[:, 5:], *(t.unsqueeze(1) for t in (k, v, eta, la, q)), *args)
@@ -54,7 +54,7 @@ def _write(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec):
 
 def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n, dW2n, do):
     """[dW1, dW2, dk, dv, deta, dla (per memory, [B, 6, H, ...]), dq [B, 1, H, C, d]] of _write."""
-    write = chunk_grad._implementation(backend)
+    write = chunk_grad._implementation(backend, spec.precision)
     five = write.backward(W1[:, :5], W2[:, :5], *_shared(W1[:, :5], k, v, eta, la), None, spec.dgd,
                           dW1n[:, :5], dW2n[:, :5], None, spec.act_name, spec.targets)
     main = write.backward(W1[:, 5:], W2[:, 5:], *(t.unsqueeze(1) for t in (k, v, eta, la, q)), spec.dgd,
@@ -72,7 +72,7 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
     from .triton_chunk import chunk_fwd_kernel, chunk_readout_kernel, delta_rule_inverse_kernel
     from .triton_projection import projection_read_fwd_kernel
     B, X, H, T, d = z.shape
-    n, m, options = T // C, W1.shape[-1], chunk_grad.triton_options()
+    n, m, options = T // C, W1.shape[-1], chunk_grad.triton_options(spec.precision)
     W1s, W2s = W1.new_empty(n + 1, *W1.shape), W2.new_empty(n + 1, *W2.shape)  # the state before chunk i
     W1s[0], W2s[0] = W1, W2
     kvq, gates = z.new_empty(n, 3, B, H, C, d), z.new_empty(n, 2, B, H, C)  # k, v, q; eta, log alpha
@@ -111,7 +111,7 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
     W1s, W2s, kvq, gates, Ti = saved
     B, X, H, T, d = z.shape
     n, m = T // C, W1s.shape[-1]
-    shapes = dict(C=C, D=d, M=m, DGD=spec.dgd, TARGETS=spec.targets, **chunk_grad.triton_options())
+    shapes = dict(C=C, D=d, M=m, DGD=spec.dgd, TARGETS=spec.targets, **chunk_grad.triton_options(spec.precision))
     do = chunk_major(do, C)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dreadout = z.new_empty(n, B, *readout.shape)

@@ -34,6 +34,7 @@ class ReadSpec(NamedTuple):
     targets: bool  # self-generated targets
     act_name: str = "silu"
     eps: float = 1e-12  # unit rows: F.normalize's
+    precision: str = "tf32"  # the Triton kernels' matmuls (memory_precision)
 
 
 def _unit_backward(x: torch.Tensor, dy: torch.Tensor, eps: float):
@@ -115,7 +116,8 @@ def _triton_read_forward(z, W1, W2, readout, spec: ReadSpec, rows: int):
     gates = torch.empty(2, B, H, C, dtype=z.dtype, device=z.device)
     projection_read_fwd_kernel[(B * X * H,)](
         z, W1, W2, readout, kvq, gates, *z.stride()[:4], B, H, valid, spec.eta_max, spec.eps,
-        C=C, D=d, M=m, NS=W1.shape[1], UNIT_V=spec.normalize_v, DECAY=spec.decay, **chunk_grad.triton_options())
+        C=C, D=d, M=m, NS=W1.shape[1], UNIT_V=spec.normalize_v, DECAY=spec.decay,
+        **chunk_grad.triton_options(spec.precision))
     return (*kvq.unbind(0), *gates.unbind(0))
 
 
@@ -135,7 +137,7 @@ def _triton_read_backward(z, W1, W2, readout, main_grads, write_grads, dW1, dW2,
     projection_read_bwd_kernel[(B * X * H,)](
         z, W1, W2, readout, *grads, dW1, dW2, dz, dreadout, *z.stride()[:4], *dz.stride()[:4], B, H, valid,
         spec.eta_max, spec.eps, C=C, D=d, M=m, NS=W1.shape[1], WRITES=write_grads[0].shape[1], HAS_MAIN=has_main,
-        UNIT_V=spec.normalize_v, DECAY=spec.decay, **chunk_grad.triton_options())
+        UNIT_V=spec.normalize_v, DECAY=spec.decay, **chunk_grad.triton_options(spec.precision))
 
 
 class ReadBackend(NamedTuple):
@@ -166,7 +168,7 @@ class ProjectionStep(torch.autograd.Function):
         C = z.shape[-2]
         P = padded_length(C, backend)  # Triton: tokens C..P-1 are padding that writes nothing
         k, v, q, eta, la = _read_implementation(backend).forward(z, W1, W2, readout, spec, P)
-        W1n, W2n, _, *kept = chunk_grad._implementation(backend).forward(
+        W1n, W2n, _, *kept = chunk_grad._implementation(backend, spec.precision).forward(
             W1, W2, *_shared(W1, k, v, eta, la), None, spec.dgd, spec.act_name, spec.targets)
         ctx.save_for_backward(z, W1, W2, readout, k, v, eta, la, *kept)
         ctx.spec, ctx.backend = spec, backend
@@ -180,7 +182,7 @@ class ProjectionStep(torch.autograd.Function):
         if P != C:
             dk, dv, dq = (F.pad(g, (0, 0, 0, P - C)) for g in (dk, dv, dq))
             deta, dla = (F.pad(g, (0, P - C)) for g in (deta, dla))
-        dW1, dW2, dk_w, dv_w, deta_w, dla_w, _ = chunk_grad._implementation(backend).backward(
+        dW1, dW2, dk_w, dv_w, deta_w, dla_w, _ = chunk_grad._implementation(backend, spec.precision).backward(
             W1, W2, *_shared(W1, k, v, eta, la), None, spec.dgd, dW1n, dW2n, None, spec.act_name, spec.targets, *kept)
         dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
         dreadout = torch.empty(z.shape[0], *readout.shape, dtype=z.dtype, device=z.device)  # per batch row

@@ -123,7 +123,8 @@ class SelfModifyingTitans(nn.Module):
             return chunk_update(state, k, vhat, eta, log_alpha, log_mu, self.act, self.config.dgd, q=q)
         W1, W2, o = fused_chunk_update(state.W1, state.W2, k, v, eta, log_alpha, q, dgd=self.config.dgd,
                                        backend=kernel, act_name=self.config.memory_activation,
-                                       targets=self.config.self_generated_targets)
+                                       targets=self.config.self_generated_targets,
+                                       precision=self.config.memory_precision)
         return MemoryState(W1, W2), o
 
     def _readouts(self, z: dict[str, torch.Tensor], unit: tuple[str, ...] = ()):
@@ -148,7 +149,7 @@ class SelfModifyingTitans(nn.Module):
     def _read_spec(self) -> ReadSpec:
         cfg = self.config
         return ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets,
-                        cfg.memory_activation)
+                        cfg.memory_activation, precision=cfg.memory_precision)
 
     def _readout_table(self, dtype) -> torch.Tensor:
         """The eta and alpha read-outs as one [2, H, d + 1] tensor of weights and biases."""

@@ -55,8 +55,9 @@ def closed_form(act_name, dgd):
     return run
 
 
-def fused(backend, dgd, act_name="silu", targets=False):
-    return lambda *xs: fused_chunk_update(*xs, dgd=dgd, backend=backend, act_name=act_name, targets=targets)
+def fused(backend, dgd, act_name="silu", targets=False, precision="tf32"):
+    return lambda *xs: fused_chunk_update(*xs, dgd=dgd, backend=backend, act_name=act_name, targets=targets,
+                                          precision=precision)
 
 
 def with_targets(fn, act_name="silu"):
@@ -175,13 +176,10 @@ def test_config_refuses_momentum_with_the_fused_op():
         HopeConfig(hidden_size=48, num_heads=4, memory_kernel="triton").validate()
 
 
-def test_a_wrong_triton_precision_is_refused_at_import():
-    import subprocess
-    import sys
-    env = dict(os.environ, HOPE_TRITON_PRECISION="fp8")
-    out = subprocess.run([sys.executable, "-c", "import hope.chunk_grad"], capture_output=True, text=True, env=env)
-    assert out.returncode != 0
-    assert "HOPE_TRITON_PRECISION='fp8': expected one of tf32, bf16, tf32x3, ieee" in out.stderr.splitlines()[-1]
+def test_config_refuses_an_unknown_memory_precision():
+    from hope.config import ModelConfigError
+    with pytest.raises(ModelConfigError, match=r"memory_precision.*\['tf32', 'bf16', 'tf32x3', 'ieee'\].*'fp8'"):
+        HopeConfig(memory_kernel="triton", memory_precision="fp8").validate()
 
 
 def test_cuda_graphs_need_the_triton_memory_pass():
@@ -251,7 +249,7 @@ def test_triton_delta_rule_inverse_equals_pytorch(C, d):
     tol = 1e-5 if not CUDA else 3e-2
     for k, eta, la in cases:
         L = eta.unsqueeze(-1) * _gates(la)[3] * (k @ k.transpose(-1, -2))
-        T = _delta_rule_inverse(k.contiguous(), eta.contiguous(), la.contiguous())
+        T = _delta_rule_inverse(k.contiguous(), eta.contiguous(), la.contiguous(), "tf32")
         assert (T - unit_lower_inverse(L)).abs().max() < tol
         eye = torch.eye(C, device=device)
         assert (T @ (eye + L) - eye).abs().max() < tol
@@ -316,6 +314,20 @@ def test_triton_layer_launches_per_chunk_step():
     launches = bench.layer_launches_per_chunk(cfg, "triton")
     assert launches == 6, launches
     assert bench.layer_launches_per_chunk(cfg, "reference") > 300  # the counter sees the ops
+
+
+@needs_triton
+@pytest.mark.parametrize("chunk,projection_chunk", [(16, 16), (16, 8)])
+def test_memory_precision_reaches_every_triton_launch(chunk, projection_chunk, monkeypatch):
+    """The model field memory_precision, through both ways of running the passes (memory_pass;
+    per-chunk ops), to every Triton launch, forward and backward."""
+    from hope import chunk_grad
+    seen, real = [], chunk_grad.triton_options
+    monkeypatch.setattr(chunk_grad, "triton_options", lambda precision: seen.append(precision) or real(precision))
+    model = small_hope("triton", chunk_size=chunk, projection_chunk_size=projection_chunk, memory_precision="bf16")
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    assert len(seen) >= 2 and set(seen) == {"bf16"}, seen  # forward and backward at least
 
 
 @needs_triton
@@ -412,13 +424,11 @@ def test_triton_kernels_fit_the_h100_shared_memory():
 @needs_triton
 @pytest.mark.parametrize("precision,tol", [("tf32", 3e-2), ("tf32x3", 1e-4), ("bf16", 3e-2)])
 @pytest.mark.parametrize("C,d,m", [(64, 64, 64), (32, 64, 128), (64, 128, 64), (11, 64, 32)])
-def test_triton_kernels_on_gpu_against_float64(precision, tol, C, d, m, monkeypatch):
+def test_triton_kernels_on_gpu_against_float64(precision, tol, C, d, m):
     """The compiled Triton kernels at each GPU precision against the float64 closed form (bf16: up to
     8.4e-3 in the interpreter's emulation)."""
-    from hope import chunk_grad
-    monkeypatch.setattr(chunk_grad, "TRITON_PRECISION", precision)
     inputs = chunk_inputs((4, 5), C, d, m, device="cuda")
     ref_out, ref_grad = outputs_and_grads(closed_form("silu", True), [t.double() for t in inputs], True)
-    out, grad = outputs_and_grads(fused("triton", True), inputs, True)
+    out, grad = outputs_and_grads(fused("triton", True, precision=precision), inputs, True)
     errors = [rel_err(a.double(), b) for a, b in zip(out + grad, ref_out + ref_grad)]
     assert max(errors) < tol, errors

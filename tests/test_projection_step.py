@@ -112,19 +112,17 @@ def test_memory_pass_equals_the_per_chunk_ops(name, backend):
 
 
 @needs_triton
-def test_bf16_kernels_track_float64(monkeypatch):
-    """HOPE_TRITON_PRECISION=bf16 (on CPU: the interpreter rounds the operands to bf16 in fp32): the
+def test_bf16_kernels_track_float64():
+    """memory_precision: bf16 (on CPU: the interpreter rounds the operands to bf16 in fp32): the
     memory pass stays within bf16's error of float64 over the chunks, and that error is bf16's, not
     fp32's (the operands really are rounded)."""
-    from hope import chunk_grad
     from hope.memory_pass import memory_pass
-    spec, C, chunks = SPECS["hope"], 16, 3
+    spec, C, chunks = SPECS["hope"]._replace(precision="bf16"), 16, 3
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 5, 2, C * chunks, 16, generator=g)
     W1, W2 = 0.5 * torch.randn(1, 6, 2, 16, 16, generator=g), 0.5 * torch.randn(1, 6, 2, 16, 16, generator=g)
     readout = 0.3 * torch.randn(2, 2, 17, generator=g)
     inputs = [z, W1, W2, readout]
-    monkeypatch.setattr(chunk_grad, "TRITON_PRECISION", "bf16")
     errs = errors(lambda *x: (memory_pass(*x, spec, "triton", C),), lambda *x: (memory_pass(*x, spec, "torch", C),),
                   inputs, [t.double() for t in inputs])
     assert 1e-4 < min(errs) and max(errs) < 5e-2, errs
@@ -147,12 +145,10 @@ def test_projection_step_is_a_handful_of_launches():
 @needs_triton
 @pytest.mark.parametrize("precision,tol", [("tf32", 3e-2), ("tf32x3", 1e-4), ("bf16", 1e-1)])
 @pytest.mark.parametrize("C", [64, 40])
-def test_triton_projection_step_on_gpu_against_float64(precision, tol, C, monkeypatch):
+def test_triton_projection_step_on_gpu_against_float64(precision, tol, C):
     """The compiled kernels at the 340M/1.3B shapes (d = m = 64) against float64 autograd (bf16: 5.5e-2
     at C = 40 in the interpreter's emulation)."""
-    from hope import chunk_grad
-    monkeypatch.setattr(chunk_grad, "TRITON_PRECISION", precision)
-    spec = SPECS["hope"]
+    spec = SPECS["hope"]._replace(precision=precision)
     inputs = step_inputs(2, 4, C, 64, 64, dtype=torch.float32, device="cuda")
     errs = errors(lambda *x: projection_step(*x, spec, "triton"), lambda *x: autograd_step(*x, spec),
                   inputs, [t.double() for t in inputs])

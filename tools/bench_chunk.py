@@ -7,7 +7,7 @@
 
 Rows: the reference closed form under autograd (hope/memory.py) and the recomputing hand-written
 backward (hope/chunk_grad.py), eager, under torch.compile and as Triton kernels
-(HOPE_TRITON_PRECISION=tf32x3 for ~fp32 matmuls; on CPU they run in Triton's interpreter and are
+(tf32 matmuls; on CPU they run in Triton's interpreter and are
 counted, not timed). Two shapes: the projection pass (batch x 5 memories x heads, sharing k, eta
 and alpha) and the main memory with its read-out (batch x heads). A layer runs seq/C chunk steps
 of each, sequentially, so besides time each row counts its launches per chunk step: PyTorch ops
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hope import HopeConfig  # noqa: E402
 from hope import chunk_grad  # noqa: E402
+from hope.config import MEMORY_PRECISIONS  # noqa: E402
 from hope.memory import MemoryState, _chunk_update, activation, memory_forward  # noqa: E402
 
 
@@ -179,17 +180,14 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
         if device == "cuda":
             variants.append((f"triton {precision} + CUDA graphs", "triton", precision, True))
     variants += [("compiled", "compiled", None, False)] if device == "cuda" else [("torch", "torch", None, False)]
-    rows, default = [], chunk_grad.TRITON_PRECISION
+    rows = []
     for name, backend, precision, graphed in variants:
-        chunk_grad.TRITON_PRECISION = precision or default
         graphs = CudaGraphs() if graphed else None
-        fn = lambda *xs: (memory_pass(*xs, spec, backend, C, graphs),)  # noqa: E731
+        fn = lambda *xs: (memory_pass(*xs, spec._replace(precision=precision or "tf32"), backend, C, graphs),)  # noqa: E731
         try:
             rows.append((name, time_it(fn, [z, W1, W2, readout], device, reps, warmup=0 if device == "cpu" else 3)))
         except Exception as e:  # one variant that fails (out of memory, a compile error) leaves the others
             rows.append((name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
-        finally:
-            chunk_grad.TRITON_PRECISION = default
     return rows
 
 
@@ -219,7 +217,7 @@ def main():
     p.add_argument("--pass", dest="memory_pass", action="store_true",
                    help="time one layer's memory pass (hope/memory_pass.py) over a sequence instead")
     p.add_argument("--seq", type=int, default=2048, help="--pass: sequence length")
-    p.add_argument("--precisions", default="tf32,bf16", help="--pass: HOPE_TRITON_PRECISION values to time")
+    p.add_argument("--precisions", default="tf32,bf16", help="--pass: memory_precision values to time")
     args = p.parse_args()
     if args.memory_pass:
         return main_memory_pass(args)
@@ -247,7 +245,7 @@ def main():
         rows = [("reference (autograd)", reference), ("recompute, eager", fused("torch"))]
         if args.device == "cuda" or args.compile:
             rows.append(("recompute, compiled", fused("compiled")))
-        rows.append((f"triton kernels ({chunk_grad.TRITON_PRECISION})", fused("triton")))
+        rows.append(("triton kernels (tf32)", fused("triton")))
         for name, fn in rows:
             counted = "compiled" not in name
             interpreted = name.startswith("triton") and args.device != "cuda"
@@ -271,9 +269,9 @@ def main_memory_pass(args):
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml")
     seq = args.seq if args.device == "cuda" else 2 * cfg.chunk_size
     precisions = args.precisions.split(",")
-    bad = [x for x in precisions if x not in chunk_grad.TRITON_PRECISIONS]
+    bad = [x for x in precisions if x not in MEMORY_PRECISIONS]
     if bad:
-        raise SystemExit(f"--precisions: {bad} not among {', '.join(chunk_grad.TRITON_PRECISIONS)}")
+        raise SystemExit(f"--precisions: {bad} not among {', '.join(MEMORY_PRECISIONS)}")
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreted)'} | "
           f"torch {torch.__version__} | {size}: one layer's memory pass (both passes), batch {args.batch} x {seq}, "
           f"H={cfg.num_heads} d={cfg.head_dim} m={cfg.memory_width} C={cfg.chunk_size}, forward + backward")

@@ -51,8 +51,8 @@ throughput() {  # throughput MICRO_BATCH: bench_throughput's command at 340M, 2K
 }
 if [ "${1:-}" = throughput ]; then
     for precision in tf32 bf16; do
-        part "throughput-graphs-$precision" 190 env HOPE_TRITON_PRECISION=$precision $(throughput 4) \
-            --set memory_kernel=triton --set memory_cuda_graphs=true --json "$OUT/graphs-$precision.json"
+        part "throughput-graphs-$precision" 190 $(throughput 4) --set memory_kernel=triton \
+            --set memory_cuda_graphs=true --set memory_precision=$precision --json "$OUT/graphs-$precision.json"
     done
     part throughput-compiled 170 $(throughput 4) --set memory_kernel=compiled --json "$OUT/compiled.json"
     exit 0
