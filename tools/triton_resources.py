@@ -5,9 +5,10 @@
 A kernel that needs more shared memory than the device has fails only at its first launch on the
 GPU; this catches it on any machine with Triton (which ships ptxas). H100 (sm_90): 227 KB per block.
 Also printed, from the compiled binary (cuobjdump): registers per thread, the bytes per thread
-spilled to local memory (the stack), and how many programs one SM can hold at once (the least of
-what its 228 KB of shared memory and 64K registers allow). These kernels have no loops, so a
-program is one long chain of dependent instructions: programs per SM is what hides their latency.
+spilled to local memory (the stack), how many programs one SM can hold at once (the least of
+what its 228 KB of shared memory and 64K registers allow) and the instructions of the binary.
+These kernels have no loops, so a program is one long chain of those instructions: programs per
+SM is what hides their latency.
 """
 from __future__ import annotations
 
@@ -58,15 +59,18 @@ def compile_kernel(name: str, constants: dict, arch: int, warps: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-def registers_and_stack(compiled) -> tuple[int, int]:
-    """Registers per thread and stack (spill) bytes per thread, read from the cubin."""
+def binary_resources(compiled) -> tuple[int, int, int]:
+    """Registers per thread, stack (spill) bytes per thread and instructions, read from the cubin.
+    The kernels have no loops, so each thread runs every instruction once."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return int(found[1]), int(found[2])
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
+    return int(found[1]), int(found[2]), instructions
 
 
 def programs_per_sm(shared: int, registers: int, warps: int, arch: int) -> int:
@@ -93,11 +97,11 @@ def main():
         compiled = compile_kernel(name, constants, args.arch, args.warps)
         seconds = time.perf_counter() - start
         shared = compiled.metadata.shared
-        registers, stack = registers_and_stack(compiled)
+        registers, stack, instructions = binary_resources(compiled)
         verdict = "" if limit is None else ("fits" if shared <= limit else f"EXCEEDS the {limit} B limit")
         print(f"  {name:26s} shared {shared:7,d} B {verdict:5s} registers {registers:3d}  spilled {stack:5,d} B"
-              f"  programs/SM {programs_per_sm(shared, registers, args.warps, args.arch)}  compiled in {seconds:4.1f} s",
-              flush=True)
+              f"  programs/SM {programs_per_sm(shared, registers, args.warps, args.arch)}"
+              f"  instructions {instructions:6,d}  compiled in {seconds:4.1f} s", flush=True)
 
 
 if __name__ == "__main__":
