@@ -317,17 +317,16 @@ def test_triton_layer_launches_per_chunk_step():
 
 
 @needs_triton
-@pytest.mark.parametrize("chunk,projection_chunk", [(16, 16), (16, 8)])
-def test_memory_precision_reaches_every_triton_launch(chunk, projection_chunk, monkeypatch):
-    """The model field memory_precision, through both ways of running the passes (memory_pass;
-    per-chunk ops), to every Triton launch, forward and backward."""
+def test_memory_precision_reaches_every_triton_launch(monkeypatch):
+    """The model field memory_precision, through the per-chunk ops (projection_step and the chunk
+    op; memory_pass takes the same read spec), to every Triton launch, forward and backward."""
     from hope import chunk_grad
     seen, real = [], chunk_grad.triton_options
     monkeypatch.setattr(chunk_grad, "triton_options", lambda precision: seen.append(precision) or real(precision))
-    model = small_hope("triton", chunk_size=chunk, projection_chunk_size=projection_chunk, memory_precision="bf16")
+    model = small_hope("triton", chunk_size=16, projection_chunk_size=8, memory_precision="bf16")
     ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
     model(ids, labels=ids).loss.backward()
-    assert len(seen) >= 2 and set(seen) == {"bf16"}, seen  # forward and backward at least
+    assert len(seen) > 10 and set(seen) == {"bf16"}, seen
 
 
 @needs_triton
