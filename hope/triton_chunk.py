@@ -369,7 +369,7 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
     # group's; iP: this chunk's first group when they are held for all chunks, [n, P, ...])
     reads = ((n // SH) % SX == SX - 1).to(tl.int32) if HAS_Q else 0
     _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(nk, 1, 1, C, D, M)
-    iP = iP.to(tl.int64)
+    iP = tl.cast(iP, tl.int64)  # (an argument equal to 1 may arrive as a constant)
     DW1P, DW2P, DKP, DRP = DW1P + iP * D * M, DW2P + iP * M * D, DKP + iP * C * D, DRP + iP * C * D
     DHP, DUP, DEP, DETAP, DLGP = DHP + iP * C * M, DUP + iP * C * M, DEP + iP * C * M, DETAP + iP * C, DLGP + iP * C
     deta = _load_if(DETAP, kcv, reads)

@@ -324,9 +324,9 @@ def test_memory_precision_reaches_every_triton_launch(monkeypatch):
     seen, real = [], chunk_grad.triton_options
     monkeypatch.setattr(chunk_grad, "triton_options", lambda precision: seen.append(precision) or real(precision))
     model = small_hope("triton", chunk_size=16, projection_chunk_size=8, memory_precision="bf16")
-    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
     model(ids, labels=ids).loss.backward()
-    assert len(seen) > 10 and set(seen) == {"bf16"}, seen
+    assert len(seen) > 5 and set(seen) == {"bf16"}, seen
 
 
 @needs_triton
@@ -416,6 +416,25 @@ def test_triton_kernels_fit_the_h100_shared_memory():
     lines = [line for line in out.stdout.splitlines() if "shared" in line]
     assert len(lines) == 9, out.stdout
     assert all(" fits " in line for line in lines), out.stdout
+
+
+@needs_triton
+@pytest.mark.slow
+def test_triton_kernels_compile_with_integer_arguments_equal_to_one():
+    """At a launch Triton turns an integer argument equal to 1 into a constant (a Python int):
+    `x.to(...)` on one fails to compile then. The kernels with such offsets, compiled that way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_resources.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    kernels = "chunk_bwd_state_kernel,chunk_readout_kernel,chunk_bwd_readout2_kernel"
+    out = subprocess.run([sys.executable, str(tool), "--precision", "bf16", "--ones", "--kernels", kernels],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len([line for line in out.stdout.splitlines() if "shared" in line]) == 3, out.stdout
 
 
 @gpu

@@ -42,6 +42,8 @@ KERNELS = {  # kernel name -> (module, number of leading pointer arguments, cons
 SHARED_LIMIT = {90: 232448, 80: 166912}  # per block
 SHARED_PER_SM = {90: 233472, 80: 167936}  # per SM; each block also takes 1 KB reserved
 REGISTERS_PER_SM = 65536
+# runtime integers: memories sharing k, eta, alpha; offsets, strides and sizes
+INTEGERS = {"SX", "SH", "sW", "sK", "sG", "iP", "sZb", "sZx", "sZh", "sZc", "sDb", "sDx", "sDh", "sDc", "B", "H", "VALID"}
 
 
 def compile_kernel(name: str, constants: dict, arch: int, warps: int):
@@ -49,10 +51,8 @@ def compile_kernel(name: str, constants: dict, arch: int, warps: int):
     constants = {**constants, **overrides}
     kernel = getattr(module, name)
     names = list(kernel.arg_names)
-    # runtime scalars: memories sharing k, eta, alpha; strides and sizes; the read-outs' floats
-    integers = {"SX", "SH", "sW", "sK", "sG", "iP", "sZb", "sZx", "sZh", "sZc", "sDb", "sDx", "sDh", "sDc", "B", "H", "VALID"}
     floats = {"ETA_MAX", "EPS"}
-    signature = {arg: ("*fp32" if i < pointers else "i32" if arg in integers else "fp32" if arg in floats
+    signature = {arg: ("*fp32" if i < pointers else "i32" if arg in INTEGERS else "fp32" if arg in floats
                        else "constexpr") for i, arg in enumerate(names)}
     constexprs = {(names.index(key),): value for key, value in constants.items() if key in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
@@ -86,10 +86,12 @@ def main():
     p.add_argument("--size", type=int, default=64, help="C = d = m")
     p.add_argument("--warps", type=int, default=4, choices=(4, 8))
     p.add_argument("--kernels", default=",".join(KERNELS))
+    p.add_argument("--ones", action="store_true", help="every runtime integer argument equal to 1: at a launch "
+                   "Triton makes such an argument a constant (a Python int, not a tensor), so they must compile so too")
     args = p.parse_args()
     n = args.size
     constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, TARGETS=True, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=True, DECAY=True,
-                     PREC=args.precision)
+                     PREC=args.precision, **(dict.fromkeys(INTEGERS, 1) if args.ones else {}))
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps")
     for name in args.kernels.split(","):
