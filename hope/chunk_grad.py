@@ -412,7 +412,7 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     dv = dvhat
     if targets:  # vhat = M(v): dv, and the targets' share added to dW1, dW2
         dv = torch.empty_like(dvhat)
-        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, **triton_options(precision))
+        targets_bwd_kernel[(n,)](W1, W2, v, dvhat, dW1, dW2, dv, SX, SH, C=C, D=d, M=m, PREC=shapes["PREC"])
     return dW1, dW2, dk, dv, deta, dla, dq
 
 

@@ -36,6 +36,12 @@ class ReadSpec(NamedTuple):
     eps: float = 1e-12  # unit rows: F.normalize's
     precision: str = "tf32"  # the Triton kernels' matmuls (memory_precision)
 
+    @classmethod
+    def of(cls, cfg) -> "ReadSpec":
+        """The spec of a HopeConfig's layers."""
+        return cls(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets,
+                   cfg.memory_activation, precision=cfg.memory_precision)
+
 
 def _unit_backward(x: torch.Tensor, dy: torch.Tensor, eps: float):
     """dx of unit rows of x, recomputing them from x."""

@@ -146,11 +146,6 @@ class SelfModifyingTitans(nn.Module):
             return memory_forward(v, state.W1, state.W2, self.act[0])
         return v.expand(*state.W1.shape[:-2], *v.shape[-2:])
 
-    def _read_spec(self) -> ReadSpec:
-        cfg = self.config
-        return ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets,
-                        cfg.memory_activation, precision=cfg.memory_precision)
-
     def _readout_table(self, dtype) -> torch.Tensor:
         """The eta and alpha read-outs as one [2, H, d + 1] tensor of weights and biases."""
         return torch.stack([torch.cat([w, b[:, None]], dim=-1) for w, b in
@@ -220,7 +215,7 @@ class SelfModifyingTitans(nn.Module):
             six = self._initial_state(self.adaptive + ["memory"], B, dtype)
             graphs = self.cuda_graphs if x.is_cuda and torch.is_grad_enabled() else None
             o = memory_pass(torch.stack([z[n] for n in self.adaptive], dim=1), six.W1, six.W2,
-                            self._readout_table(dtype), self._read_spec(), kernel, Cm, graphs)
+                            self._readout_table(dtype), ReadSpec.of(self.config), kernel, Cm, graphs)
             return self._output(o.to(x.dtype), x)
 
         # Pass 1: the projection memories, chunk by chunk: k, v, q, eta, log alpha of each chunk.
@@ -234,7 +229,7 @@ class SelfModifyingTitans(nn.Module):
             per_chunk = []
             stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3)
             if fused:
-                readout, spec = self._readout_table(dtype), self._read_spec()
+                readout, spec = self._readout_table(dtype), ReadSpec.of(self.config)
             else:  # the static projections' chunks, for the read-outs of memories that are not adaptive
                 z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
                 mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)

@@ -90,14 +90,18 @@ def _offsets(n, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def _reader(p, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
-    """Read-out kernels run one program per group of memories sharing k (p = its index, as nk):
-    the group's last memory reads q out (groups of one: every memory). Its index n, offsets, and
-    the offsets of the group's [C, m], [d, m], [m, d] tiles (the partial adjoints)."""
+def _reader(W1, W2, K, ETA, SX, SH, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr):
+    """Read-out kernels run one program per group of memories sharing k (p = program_id(0), as nk):
+    the group's last memory reads q out (groups of one: every memory). Its index n, offsets, the
+    offsets of the group's [C, m], [d, m], [m, d] tiles (the partial adjoints), and its chunk-start
+    state w1, w2, k and eta."""
+    p = tl.program_id(0).to(tl.int64)
     n = ((p // SH) * SX + SX - 1) * SH + p % SH
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     _, _, gcm, gdm, gmd, _, _, _, _ = _offsets(p, 1, 1, C, D, M)
-    return n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd
+    w1 = tl.load(W1 + dm)
+    w2 = tl.load(W2 + md)
+    return n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, tl.load(K + kcd), tl.load(ETA + kcv)
 
 
 @triton.jit
@@ -222,13 +226,14 @@ def _readout_o(q, k, w1, w2, h, r, u, E, G, lg, eta, DGD: tl.constexpr, PREC: tl
 
 
 @triton.jit
-def _chunk_of_pass(sW, sK, sG):
-    """Offsets of chunk i = program_id(1), for read-out kernels launched once over every chunk of a
-    pass (hope/memory_pass.py; one chunk otherwise, i = 0): in the states [n + 1, B, X, H, ...] (sW),
-    the k, v, q [n, 3, B, H, C, d] (sK), the gates [n, 2, B, H, C] (sG), and i * P for the tensors
-    [n, P, ...] that hold P = num_programs(0) tiles per chunk."""
+def _chunk_of_pass(W1, W2, K, V, Q, ETA, LA, TI, sW, sK, sG, C: tl.constexpr):
+    """The read-out kernels' inputs at chunk i = program_id(1), for a launch over every chunk of a
+    pass (hope/memory_pass.py; one chunk otherwise, i = 0): the states [n + 1, B, X, H, ...] are sW
+    apart, the k, v, q [n, 3, B, H, C, d] sK, the gates [n, 2, B, H, C] sG; and iP = i * P, for the
+    tensors [n, P, ...] that hold P = num_programs(0) tiles per chunk (T, the outputs)."""
     i = tl.program_id(1).to(tl.int64)
-    return i * sW, i * sK, i * sG, i * tl.num_programs(0)
+    oW, oK, oG, iP = i * sW, i * sK, i * sG, i * tl.num_programs(0)
+    return W1 + oW, W2 + oW, K + oK, V + oK, Q + oK, ETA + oG, LA + oG, TI + iP * C * C, iP
 
 
 @triton.jit
@@ -237,16 +242,11 @@ def chunk_readout_kernel(W1, W2, K, V, ETA, LA, Q, TI, O, SX, SH, sW, sK, sG,
                          DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """chunk_fwd_kernel's read-out alone, for all chunks of a pass in one launch (grid: groups x
     chunks): it needs only each chunk's start state, so it leaves the chunk-to-chunk loop."""
-    oW, oK, oG, oP = _chunk_of_pass(sW, sK, sG)
-    n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
-    w1 = tl.load(W1 + oW + dm)
-    w2 = tl.load(W2 + oW + md)
-    k = tl.load(K + oK + kcd)
-    eta = tl.load(ETA + oG + kcv)
+    W1, W2, K, V, Q, ETA, LA, TI, iP = _chunk_of_pass(W1, W2, K, V, Q, ETA, LA, TI, sW, sK, sG, C)
+    n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, k, eta = _reader(W1, W2, K, ETA, SX, SH, C, D, M)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, _values(V + oK, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + oG + kcv), TI + oP * C * C, nk, rc,
-        C, DGD, PREC)
-    tl.store(O + oP * C * D + kcd, _readout_o(tl.load(Q + oK + kcd), k, w1, w2, h, r, u, E, G, lg, eta, DGD, PREC))
+        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+    tl.store(O + iP * C * D + kcd, _readout_o(tl.load(Q + kcd), k, w1, w2, h, r, u, E, G, lg, eta, DGD, PREC))
 
 
 @triton.jit
@@ -256,15 +256,10 @@ def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
                               DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, first half: o = q + g*(hq W1^T) - (D*(hq h^T)) r back to dz = d(W2_t q_t).
     It needs no state gradient, so memory_pass runs it for all chunks in one launch (_chunk_of_pass)."""
-    oW, oK, oG, oP = _chunk_of_pass(sW, sK, sG)
-    W1, W2, K, V, Q, ETA, LA = W1 + oW, W2 + oW, K + oK, V + oK, Q + oK, ETA + oG, LA + oG
-    TI, DO, DZ, DW1P, DRP, DHP = TI + oP * C * C, DO + oP * C * D, DZ + oP * C * M, DW1P + oP * D * M, DRP + oP * C * D, DHP + oP * C * M
-    DETAP, DLGP = DETAP + oP * C, DLGP + oP * C
-    n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
-    w1 = tl.load(W1 + dm)
-    w2 = tl.load(W2 + md)
-    k = tl.load(K + kcd)
-    eta = tl.load(ETA + kcv)
+    W1, W2, K, V, Q, ETA, LA, TI, iP = _chunk_of_pass(W1, W2, K, V, Q, ETA, LA, TI, sW, sK, sG, C)
+    DO, DZ, DW1P, DRP, DHP = DO + iP * C * D, DZ + iP * C * M, DW1P + iP * D * M, DRP + iP * C * D, DHP + iP * C * M
+    DETAP, DLGP = DETAP + iP * C, DLGP + iP * C
+    n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, k, eta = _reader(W1, W2, K, ETA, SX, SH, C, D, M)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
         w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
@@ -297,15 +292,10 @@ def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
                               SX, SH, sW, sK, sG, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                               DGD: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """Read-out adjoint, second half: dz back through z = g*(q W2^T) - (D*qk) u + (G*qk) E."""
-    oW, oK, oG, oP = _chunk_of_pass(sW, sK, sG)
-    W1, W2, K, V, Q, ETA, LA = W1 + oW, W2 + oW, K + oK, V + oK, Q + oK, ETA + oG, LA + oG
-    TI, DO, DZ, DQ, DW2P, DKP = TI + oP * C * C, DO + oP * C * D, DZ + oP * C * M, DQ + oP * C * D, DW2P + oP * M * D, DKP + oP * C * D
-    DUP, DEP, DETAP, DLGP = DUP + oP * C * M, DEP + oP * C * M, DETAP + oP * C, DLGP + oP * C
-    n, rc, dm, md, kcd, kcv, nk, gcm, gdm, gmd = _reader(tl.program_id(0).to(tl.int64), SX, SH, C, D, M)
-    w1 = tl.load(W1 + dm)
-    w2 = tl.load(W2 + md)
-    k = tl.load(K + kcd)
-    eta = tl.load(ETA + kcv)
+    W1, W2, K, V, Q, ETA, LA, TI, iP = _chunk_of_pass(W1, W2, K, V, Q, ETA, LA, TI, sW, sK, sG, C)
+    DO, DZ, DQ, DW2P, DKP = DO + iP * C * D, DZ + iP * C * M, DQ + iP * C * D, DW2P + iP * M * D, DKP + iP * C * D
+    DUP, DEP, DETAP, DLGP = DUP + iP * C * M, DEP + iP * C * M, DETAP + iP * C, DLGP + iP * C
+    n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, k, eta = _reader(W1, W2, K, ETA, SX, SH, C, D, M)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
         w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)

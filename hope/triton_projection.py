@@ -65,6 +65,19 @@ def projection_read_fwd_kernel(Z, W1, W2, RO, KVQ, GATES, sZb, sZx, sZh, sZc, B,
 
 
 @triton.jit
+def _add_gradients(total, MAIN, main, WRITTEN, written, H, cols, C: tl.constexpr, WIDTH: tl.constexpr,
+                   HAS_MAIN: tl.constexpr, WRITES: tl.constexpr):
+    """total + the gradient that reaches one read-out from the main pass (with HAS_MAIN, at offsets
+    `main`) and from each of the WRITES memories' writes: rows of WIDTH elements, memory i's first
+    row `written + i * H * C`, columns `cols`."""
+    if HAS_MAIN:
+        total += tl.load(MAIN + main)
+    for i in tl.static_range(WRITES):
+        total += tl.load(WRITTEN + (written + i * H * C) * WIDTH + cols)
+    return total
+
+
+@triton.jit
 def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W, DETA_W, DLA_W, DW1, DW2, DZ, DRO,
                                sZb, sZx, sZh, sZc, sDb, sDx, sDh, sDc, B, H, VALID, ETA_MAX, EPS,
                                C: tl.constexpr, D: tl.constexpr, M: tl.constexpr, NS: tl.constexpr,
@@ -83,15 +96,9 @@ def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W,
     if x < 3:  # k, v, q: unit rows y = read / |read| (v: optionally)
         dy = tl.zeros([C, D], dtype=tl.float32)
         if x == 0:
-            if HAS_MAIN:
-                dy += tl.load(DK + bh * C * D + cd)
-            for i in tl.static_range(WRITES):
-                dy += tl.load(DK_W + (written + i * H * C) * D + cd)
+            dy = _add_gradients(dy, DK, bh * C * D + cd, DK_W, written, H, cd, C, D, HAS_MAIN, WRITES)
         if x == 1:
-            if HAS_MAIN:
-                dy += tl.load(DV + bh * C * D + cd)
-            for i in tl.static_range(WRITES):
-                dy += tl.load(DV_W + (written + i * H * C) * D + cd)
+            dy = _add_gradients(dy, DV, bh * C * D + cd, DV_W, written, H, cd, C, D, HAS_MAIN, WRITES)
         if x == 2:
             dy += tl.load(DQ + bh * C * D + cd)
         norm = tl.sqrt(tl.sum(read * read, 1))
@@ -108,16 +115,10 @@ def projection_read_bwd_kernel(Z, W1, W2, RO, DK, DV, DQ, DETA, DLA, DK_W, DV_W,
         sg = tl.sigmoid(tl.sum(read * w[None, :], 1) + tl.load(ro + D))
         dgate = tl.zeros([C], dtype=tl.float32)
         if x == 3:
-            if HAS_MAIN:
-                dgate += tl.load(DETA + bh * C + rc)
-            for i in tl.static_range(WRITES):
-                dgate += tl.load(DETA_W + written + i * H * C + rc)
+            dgate = _add_gradients(dgate, DETA, bh * C + rc, DETA_W, written, H, rc, C, 1, HAS_MAIN, WRITES)
             ds = dgate * ETA_MAX * sg * (1 - sg)
         else:
-            if HAS_MAIN:
-                dgate += tl.load(DLA + bh * C + rc)
-            for i in tl.static_range(WRITES):
-                dgate += tl.load(DLA_W + written + i * H * C + rc)
+            dgate = _add_gradients(dgate, DLA, bh * C + rc, DLA_W, written, H, rc, C, 1, HAS_MAIN, WRITES)
             ds = dgate * (1 - sg)
             if not DECAY:
                 ds = ds * 0.0

@@ -403,6 +403,14 @@ def test_cuda_graphs_replay_the_memory_pass(checkpointing):
 def test_triton_kernels_fit_the_h100_shared_memory():
     """Compiled for sm_90 without a GPU (Triton ships ptxas): a kernel over the 227 KB of shared
     memory per block would fail only at its first launch on the H100."""
+    lines, stdout = triton_resources("--arch", "90", "--precision", "tf32")
+    assert len(lines) == 9, stdout
+    assert all(" fits " in line for line in lines), stdout
+
+
+def triton_resources(*args: str) -> tuple[list[str], str]:
+    """tools/triton_resources.py's per-kernel lines and its whole output (it compiles for a GPU, so
+    it runs without the interpreter, in a process of its own)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -410,12 +418,9 @@ def test_triton_kernels_fit_the_h100_shared_memory():
     tool = Path(__file__).resolve().parents[1] / "tools" / "triton_resources.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, str(tool), "--arch", "90", "--precision", "tf32"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stdout.splitlines() if "shared" in line]
-    assert len(lines) == 9, out.stdout
-    assert all(" fits " in line for line in lines), out.stdout
+    return [line for line in out.stdout.splitlines() if "shared" in line], out.stdout
 
 
 @needs_triton
@@ -423,18 +428,9 @@ def test_triton_kernels_fit_the_h100_shared_memory():
 def test_triton_kernels_compile_with_integer_arguments_equal_to_one():
     """At a launch Triton turns an integer argument equal to 1 into a constant (a Python int):
     `x.to(...)` on one fails to compile then. The kernels with such offsets, compiled that way."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_resources.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     kernels = "chunk_bwd_state_kernel,chunk_readout_kernel,chunk_bwd_readout2_kernel"
-    out = subprocess.run([sys.executable, str(tool), "--precision", "bf16", "--ones", "--kernels", kernels],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert len([line for line in out.stdout.splitlines() if "shared" in line]) == 3, out.stdout
+    lines, stdout = triton_resources("--precision", "bf16", "--ones", "--kernels", kernels)
+    assert len(lines) == 3, stdout
 
 
 @gpu

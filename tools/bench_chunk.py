@@ -142,7 +142,7 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
     from hope.memory_pass import memory_pass
     from hope.projection_step import ReadSpec
     batch, H, d, m, C = 1, 1, 16, 16, 16
-    spec = ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets)
+    spec = ReadSpec.of(cfg)
     kernels = triton_kernels()
     for kernel in kernels:
         kernel.run = lambda *args, **kwargs: None
@@ -169,7 +169,7 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
     from hope.memory_pass import CudaGraphs, memory_pass
     from hope.projection_step import ReadSpec
     H, d, m, C = cfg.num_heads, cfg.head_dim, cfg.memory_width, cfg.chunk_size
-    spec = ReadSpec(cfg.eta_max, cfg.decay, cfg.normalize_v, cfg.dgd, cfg.self_generated_targets)
+    spec = ReadSpec.of(cfg)
     z = torch.nn.functional.normalize(torch.randn(batch, 5, H, seq, d, device=device), dim=-1).requires_grad_(True)
     W1 = (0.02 * torch.randn(batch, 6, H, d, m, device=device)).requires_grad_(True)
     W2 = (torch.randn(batch, 6, H, m, d, device=device) / d ** 0.5).requires_grad_(True)
