@@ -131,10 +131,10 @@ def reference(workdir) -> tuple[Path, dict[int, dict], str]:
     port = str(_free_port())
     rc, output = run(workdir, run_dir, env={"MASTER_PORT": port})
     assert rc == 0, output[-3000:]
-    # DeepSpeed's CPU all-reduce maps 64 MiB per rank in /dev/shm and never unlinks it; left
-    # there, every run would leak RAM. train.distributed drops the names once all ranks have them.
+    # DeepSpeed's shared-memory all-reduce op (inference only) is neither built nor started on
+    # CPU: it would map 64 MiB per rank in /dev/shm and never unlink it (train.distributed).
     leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, leaked
+    assert not leaked and "shm_comm" not in output, leaked
     return run_dir, records(run_dir), output
 
 
@@ -163,9 +163,10 @@ def test_zero0_two_ranks_logs_validates_and_keeps_last_checkpoints(reference):
 
 
 # ---------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 3])
 def test_sigkill_and_restart_repeats_the_uninterrupted_run(workdir, reference, stage):
-    """SIGKILL every process mid-run, start again: same per-step losses, same batches."""
+    """SIGKILL every process mid-run, start again: same per-step losses, same batches. (ZeRO-2 is
+    killed and restarted with M3, below.)"""
     run_dir = workdir / f"killed-zero{stage}"
     stage_set = f"deepspeed.zero_optimization.stage={stage}"
     process = start(workdir, run_dir, stage_set)

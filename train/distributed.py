@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,22 +33,17 @@ def _free_port() -> int:
 
 
 def start_process_group(backend: str, **kwargs) -> None:
-    """`deepspeed.init_distributed`, then drop the names of DeepSpeed's CPU shared-memory buffers.
+    """`deepspeed.init_distributed`; on CPU (gloo) without DeepSpeed's shared-memory all-reduce op.
 
-    On CPU each rank maps a 64 MiB all-reduce buffer at /dev/shm/deepspeed_allreduce_buffer_*
-    and DeepSpeed never unlinks it, so every multi-rank CPU run leaks RAM (/dev/shm is tmpfs)
-    until a machine that runs many of them, a CI runner say, has none left. Once every rank has
-    mapped its peers' buffers (init returned everywhere: the barrier), the names are not needed;
-    unlinking them keeps the mappings until the processes exit, SIGKILL included.
+    That op serves only inference's tensor-parallel all-reduce, never training's collectives, and
+    would cost a g++ build on each machine's first run (~40 s on 2 cores) and a 64 MiB buffer per
+    rank in /dev/shm that DeepSpeed never unlinks (tmpfs: RAM leaked by every CPU run).
     """
     import deepspeed
 
+    if backend == "gloo":  # DeepSpeed probes its ops once and keeps edits to the dict it made
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
-    if backend == "gloo":
-        dist.barrier()
-        name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                         os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
-        (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def init_world(device: torch.device | None = None) -> World:
