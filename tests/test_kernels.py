@@ -395,7 +395,11 @@ def test_cuda_graphs_replay_the_memory_pass(checkpointing):
         assert abs(graphed_loss - loss) < 1e-6, step
         for name, g in grads.items():
             assert (graphed_grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-9, (step, name)
+    captured = [next(iter(layer.mixer.cuda_graphs.graphs.values())) for layer in graphed.model.layers]
     assert all(len(layer.mixer.cuda_graphs.graphs) == 1 for layer in graphed.model.layers)
+    # the layers' backward graphs share one memory pool, their forward graphs keep one each
+    assert len({graph["backward"].pool() for graph in captured}) == 1
+    assert len({graph["forward"].pool() for graph in captured}) == len(captured)
 
 
 @needs_triton
