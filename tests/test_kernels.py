@@ -294,12 +294,16 @@ def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
 
 @needs_triton
 def test_bench_chunk_times_the_memory_pass_per_precision(capsys):
-    """`bench_chunk.py --pass` on CPU: the tiny config's memory pass, PyTorch and Triton (interpreted)."""
+    """`bench_chunk.py --pass` on CPU: the tiny config's memory pass, PyTorch and Triton (interpreted),
+    the Triton row with its profile (on CUDA its kernels, here its heaviest ops)."""
     bench = load_tool("bench_chunk")
     bench.main_memory_pass(argparse.Namespace(size="340M", device="cpu", seq=2048, batch=1, reps=1, precisions="tf32"))
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    lines = capsys.readouterr().out.splitlines()[1:]
+    rows = [line.split() for line in lines if not line.startswith("    ")]
     assert [row[0] for row in rows] == ["triton", "torch"], rows
     assert rows[0][1:4:2] == ["tf32", "ms"] and rows[1][2] == "ms", rows  # times, not "failed: ..."
+    profile = lines[1:lines.index(next(line for line in lines if line.startswith("  torch")))]
+    assert profile[0].startswith("    CPU ops") and any("MemoryPassBackward" in line for line in profile), lines
     with pytest.raises(SystemExit, match="fp8"):
         bench.main_memory_pass(argparse.Namespace(size="340M", device="cpu", seq=2048, batch=1, reps=1, precisions="fp8"))
 

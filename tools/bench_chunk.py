@@ -18,7 +18,9 @@ kernels do not pass through the dispatcher).
 --pass times what a layer's memories cost in training: hope/memory_pass.py, both passes over a
 whole sequence, forward + backward, for each backend (compiled; Triton at each of --precisions,
 eagerly and as CUDA graphs), and prints the tokens/s that this part alone would allow a model of
---size (all its layers). On CPU it runs the tiny config under the interpreter, to check the code.
+--size (all its layers). Under each eager Triton row, its kernels' GPU time from torch.profiler,
+per kernel and in all: against the row's time, how much of the loop waits on the host. On CPU it
+runs the tiny config under the interpreter, to check the code.
 """
 from __future__ import annotations
 
@@ -164,8 +166,27 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
     return (times[1] - times[0]) / 32 * 1e6
 
 
+def kernel_breakdown(fn, xs, device: str, top: int = 10) -> list[tuple[str, int, float]]:
+    """[(name, launches, us)] of one forward + backward under torch.profiler, heaviest first: the
+    GPU kernels on CUDA (their sum against the wall time tells whether the loop waits on the host
+    or on its kernels, and which kernel to work on); on CPU the heaviest ops (a check of the code)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        fwd_bwd(fn, xs)
+        if on_cuda:
+            torch.cuda.synchronize()
+    kind = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    rows = sorted(((e.key, e.count, e.self_device_time_total if on_cuda else e.self_cpu_time_total)
+                   for e in prof.key_averages() if e.device_type == kind), key=lambda row: -row[2])
+    return rows if on_cuda else rows[:top]
+
+
 def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisions: list[str], reps: int):
-    """Rows (name, us per layer forward + backward) of hope/memory_pass.py at the shapes of `cfg`."""
+    """Rows (name, us per layer forward + backward, kernel_breakdown of the eager Triton variants
+    or None) of hope/memory_pass.py at the shapes of `cfg`."""
     from hope.memory_pass import CudaGraphs, memory_pass
     from hope.projection_step import ReadSpec
     H, d, m, C = cfg.num_heads, cfg.head_dim, cfg.memory_width, cfg.chunk_size
@@ -185,9 +206,11 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
         graphs = CudaGraphs() if graphed else None
         fn = lambda *xs: (memory_pass(*xs, spec._replace(precision=precision or "tf32"), backend, C, graphs),)  # noqa: E731
         try:
-            rows.append((name, time_it(fn, [z, W1, W2, readout], device, reps, warmup=0 if device == "cpu" else 3)))
+            us = time_it(fn, [z, W1, W2, readout], device, reps, warmup=0 if device == "cpu" else 3)
+            breakdown = kernel_breakdown(fn, [z, W1, W2, readout], device) if backend == "triton" and not graphed else None
+            rows.append((name, us, breakdown))
         except Exception as e:  # one variant that fails (out of memory, a compile error) leaves the others
-            rows.append((name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            rows.append((name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", None))
     return rows
 
 
@@ -275,13 +298,19 @@ def main_memory_pass(args):
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreted)'} | "
           f"torch {torch.__version__} | {size}: one layer's memory pass (both passes), batch {args.batch} x {seq}, "
           f"H={cfg.num_heads} d={cfg.head_dim} m={cfg.memory_width} C={cfg.chunk_size}, forward + backward")
-    for name, us in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps):
+    for name, us, breakdown in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps):
         if isinstance(us, str):
             print(f"  {name:30s} {us}", flush=True)
             continue
         bound = args.batch * seq / (us * 1e-6 * cfg.num_layers)
         print(f"  {name:30s} {us / 1e3:9.2f} ms per layer  -> {bound:10,.0f} tokens/s for the memories "
               f"of all {cfg.num_layers} layers alone", flush=True)
+        if breakdown:
+            busy = sum(row[2] for row in breakdown)
+            what = "GPU kernels" if args.device == "cuda" else "CPU ops (the heaviest)"
+            print(f"    {what}: {busy / 1e3:.2f} ms in one forward + backward, {100 * busy / us:.0f}% of the time above")
+            for kernel, launches, kernel_us in breakdown:
+                print(f"      {kernel[:40]:40s} {launches:6d} x {kernel_us / launches:8.1f} us = {kernel_us / 1e3:7.2f} ms")
 
 
 if __name__ == "__main__":

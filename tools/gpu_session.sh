@@ -10,6 +10,7 @@
 #   bash tools/gpu_session.sh throughput  # there, a second call: bench_throughput at 340M, 2K with
 #                                         # Triton + CUDA graphs at tf32 and at bf16, then HOPE-1.3B at 4K,
 #                                         # micro-batch 1 (issue 8's memory bound) at the faster precision
+#   bash tools/gpu_session.sh rest bf16   # there, a third call: 340M at 4K and 1.3B at 2K at that precision
 #
 # The image's Triton is 3.6 (this machine's venv: 3.9): `triton_resources.py` under a Triton 3.6
 # venv compiles every kernel for sm_90 too (docs/PERFORMANCE.md).
@@ -45,21 +46,20 @@ part() {  # part NAME SECONDS COMMAND...
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "   exit $? after $((SECONDS - start)) s"
-    tail -n 25 "$OUT/$name.log"
+    tail -n 45 "$OUT/$name.log"
 }
 
-throughput() {  # throughput MICRO_BATCH: bench_throughput's command at 340M, 2K
-    echo python3 tools/bench_throughput.py --sizes 340M --seqs 2048 --micro-batch "$1" --checkpoint-layers off \
-        --steps 3 --warmup 2
+bench() {  # bench SIZE SEQ MICRO_BATCH PRECISION: bench_throughput, HOPE on the Triton kernels + CUDA graphs
+    echo python3 tools/bench_throughput.py --sizes "$1" --seqs "$2" --micro-batch "$3" --checkpoint-layers off \
+        --steps 3 --warmup 2 --set memory_kernel=triton --set memory_cuda_graphs=true --set memory_precision="$4" \
+        --json "$OUT/$1-$2-$4.json"
 }
-graphs() {  # the HOPE settings of the Triton path with CUDA graphs, at precision $1
-    echo --set memory_kernel=triton --set memory_cuda_graphs=true --set memory_precision="$1"
-}
-if [ "${1:-}" = throughput ]; then
+case "${1:-}" in
+throughput)
     for precision in tf32 bf16; do
-        part "throughput-graphs-$precision" 170 $(throughput 4) $(graphs $precision) --json "$OUT/graphs-$precision.json"
+        part "340M-2K-$precision" 170 $(bench 340M 2048 4 $precision)
     done
-    best=$(python3 - "$OUT"/graphs-*.json <<'PY'  # the precision of the faster HOPE (tf32 if neither ran)
+    best=$(python3 - "$OUT"/340M-2048-*.json <<'PY'  # the precision of the faster HOPE (tf32 if neither ran)
 import json, sys
 def hope_tokens_per_s(path):
     try:
@@ -67,13 +67,16 @@ def hope_tokens_per_s(path):
     except (OSError, ValueError):
         return 0
 best = max(sys.argv[1:], key=hope_tokens_per_s)
-print(best.rsplit("graphs-", 1)[1].removesuffix(".json") if hope_tokens_per_s(best) else "tf32")
+print(best.removesuffix(".json").rsplit("-", 1)[1] if hope_tokens_per_s(best) else "tf32")
 PY
 )
-    part "throughput-1.3B-4K-$best" 220 python3 tools/bench_throughput.py --sizes 1.3B --seqs 4096 --micro-batch 1 \
-        --checkpoint-layers off --steps 3 --warmup 2 $(graphs "$best") --json "$OUT/1.3B-4K-$best.json"
-    exit 0
-fi
+    part "1.3B-4K-$best" 220 $(bench 1.3B 4096 1 "$best")
+    exit 0 ;;
+rest)  # rest PRECISION: the other two pairs, 8K tokens per step at 340M, 4K at 1.3B
+    part "340M-4K-$2" 280 $(bench 340M 4096 2 "$2")
+    part "1.3B-2K-$2" 280 $(bench 1.3B 2048 2 "$2")
+    exit 0 ;;
+esac
 part memory-pass 300 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions tf32,bf16 --reps 5
 part gpu-tests 250 python3 -m pytest -q -n 8 -m gpu tests/test_kernels.py tests/test_projection_step.py \
     -p no:cacheprovider
