@@ -241,11 +241,14 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(side)
         del o, saved
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward):
+        # thread_local: CUDA calls of other threads (a data loader pinning memory, say) do not void
+        # the capture, as they would under the default "global" mode
+        with torch.cuda.graph(forward, capture_error_mode="thread_local"):
             o, saved = _forward_loop(*inputs, spec, "triton", C)
         do = torch.empty_like(o)
         last = CudaGraphs.last_backward.get(z.device)
-        with torch.cuda.graph(backward, pool=last.pool() if last is not None else None):
+        pool = last.pool() if last is not None else None
+        with torch.cuda.graph(backward, pool=pool, capture_error_mode="thread_local"):
             grads = _backward_loop(inputs[0], inputs[3], saved, do, spec, "triton", C)
         CudaGraphs.last_backward[z.device] = backward
         return dict(inputs=inputs, forward=forward, o=o, saved=saved, do=do, backward=backward, grads=grads)
