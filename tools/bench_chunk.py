@@ -205,13 +205,22 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
     for name, backend, precision, graphed in variants:
         graphs = CudaGraphs() if graphed else None
         fn = lambda *xs: (memory_pass(*xs, spec._replace(precision=precision or "tf32"), backend, C, graphs),)  # noqa: E731
+        # a variant that fails (out of memory, a compile error) leaves the others, a failed profile its time
         try:
             us = time_it(fn, [z, W1, W2, readout], device, reps, warmup=0 if device == "cpu" else 3)
-            breakdown = kernel_breakdown(fn, [z, W1, W2, readout], device) if backend == "triton" and not graphed else None
-            rows.append((name, us, breakdown))
-        except Exception as e:  # one variant that fails (out of memory, a compile error) leaves the others
-            rows.append((name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", None))
+        except Exception as e:
+            rows.append((name, failure(e), None))
+            continue
+        try:
+            profile = kernel_breakdown(fn, [z, W1, W2, readout], device) if backend == "triton" and not graphed else None
+        except Exception as e:
+            profile = [(f"profile {failure(e)}", 1, 0.0)]
+        rows.append((name, us, profile))
     return rows
+
+
+def failure(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def time_it(fn, xs, device, reps: int, warmup: int = 3) -> float:

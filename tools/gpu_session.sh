@@ -12,6 +12,9 @@
 #                                         # micro-batch 1 (issue 8's memory bound) at the faster precision
 #   bash tools/gpu_session.sh rest bf16   # there, a third call: 340M at 4K and 1.3B at 2K at that precision
 #
+# Between calls: rm -rf .triton-cache && cp -r <files_at>/triton-cache .triton-cache, and carry
+# [".whl", ".triton-cache"]. At most 8 files come back: the logs, device.txt and the cache's parts.
+#
 # The image's Triton is 3.6 (this machine's venv: 3.9): `triton_resources.py` under a Triton 3.6
 # venv compiles every kernel for sm_90 too (docs/PERFORMANCE.md).
 # The GPU image has torch, triton and numpy but no deepspeed and no network, hence the wheels
@@ -37,6 +40,18 @@ if [ -d .whl ]; then
     export PYTHONPATH="/tmp/site:$PWD"
 fi
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONWARNINGS=ignore  # the image's 9.0a breaks DeepSpeed's op builder
+# Triton compiles each kernel variant at its first launch (~1-2 minutes for all, one at a time),
+# and a machine left idle for 30 s goes back bare: the compiled kernels travel from call to call.
+# Each call leaves them in $OUT/triton-cache/ (parts of 15 MiB: the device returns files of 16 MiB
+# at most); copy that folder to .triton-cache/ (ignored) and carry it too.
+export TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -d .triton-cache ]; then cat .triton-cache/part-* | tar -xz -C "$TRITON_CACHE_DIR"; fi
+save_triton_cache() {
+    mkdir -p "$OUT/triton-cache"
+    tar -cz -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$OUT/triton-cache/part-"
+}
+trap save_triton_cache EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
 part() {  # part NAME SECONDS COMMAND...
@@ -52,14 +67,14 @@ part() {  # part NAME SECONDS COMMAND...
 bench() {  # bench SIZE SEQ MICRO_BATCH PRECISION: bench_throughput, HOPE on the Triton kernels + CUDA graphs
     echo python3 tools/bench_throughput.py --sizes "$1" --seqs "$2" --micro-batch "$3" --checkpoint-layers off \
         --steps 3 --warmup 2 --set memory_kernel=triton --set memory_cuda_graphs=true --set memory_precision="$4" \
-        --json "$OUT/$1-$2-$4.json"
+        --json "/tmp/bench/$1-$2-$4.json"
 }
 case "${1:-}" in
 throughput)
     for precision in tf32 bf16; do
         part "340M-2K-$precision" 170 $(bench 340M 2048 4 $precision)
     done
-    best=$(python3 - "$OUT"/340M-2048-*.json <<'PY'  # the precision of the faster HOPE (tf32 if neither ran)
+    best=$(python3 - /tmp/bench/340M-2048-*.json <<'PY'  # the precision of the faster HOPE (tf32 if neither ran)
 import json, sys
 def hope_tokens_per_s(path):
     try:
