@@ -204,7 +204,7 @@ class CudaGraphs:
     saved tensors stay in the graph's memory between steps, a pool per layer. The backward graphs
     of all layers share one pool: each replays alone and its outputs are cloned out at once, so
     the work buffers of its loop (the read-out's partial adjoints for all chunks, the state
-    gradients: ~300 MB per layer at 340M with 4 x 2K, or 1.3B with 1 x 4K) are needed by one
+    gradients: ~380 MB per layer at 340M with 4 x 2K, or 1.3B with 1 x 4K) are needed by one
     layer at a time, not held 24 times. A capture shares the pool of the last backward graph
     captured while that graph lives (a pool must not be shared once its last graph is gone).
     """
