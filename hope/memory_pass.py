@@ -22,6 +22,7 @@ functions, the five memories and the main memory as two calls.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -64,6 +65,18 @@ def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n
     return [torch.cat([a, b], dim=1) for a, b in zip(five[:6], main[:6])] + [main[6]]
 
 
+# Warps per program of the Triton loops' kernels, by kernel name (4 unless named here): a tuning
+# table, swept on the GPU by tools/bench_chunk.py --pass --warps. A kernel whose programs hold a
+# whole SM (shared memory) hides latency only with more warps; one that fits 2 programs per SM
+# at 4 warps fits 1 at 8 (255 registers per thread), the same warps per SM in twice the waves.
+WARPS: dict[str, int] = {}
+
+
+def _launch(kernel, grid: tuple):
+    """kernel[grid] at its number of warps (WARPS)."""
+    return functools.partial(kernel[grid], num_warps=WARPS.get(kernel.__name__, 4))
+
+
 def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
     """_forward_loop with the Triton kernels called directly: every chunk's tensors are slices of
     buffers allocated once, so a chunk step is its 3 launches and little else on the host. (Through
@@ -83,19 +96,22 @@ def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
     shapes = dict(C=C, D=d, M=m, **options)
     for i in range(n):
         zc = z[:, :, :, i * C:(i + 1) * C]
-        projection_read_fwd_kernel[(B * X * H,)](
+        _launch(projection_read_fwd_kernel, (B * X * H,))(
             zc, W1s[i], W2s[i], readout, kvq[i], gates[i], *zc.stride()[:4], B, H, C, spec.eta_max, spec.eps,
             NS=6, UNIT_V=spec.normalize_v, DECAY=spec.decay, **shapes)
         k, v, q = kvq[i]
         eta, la = gates[i]
         if spec.dgd:
-            delta_rule_inverse_kernel[(B * H,)](k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, **options)
-        chunk_fwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, q, Ti[i], W1s[i + 1], W2s[i + 1], o[i], 6, H,
-                                       DGD=spec.dgd, HAS_Q=False, TARGETS=spec.targets, **shapes)
+            _launch(delta_rule_inverse_kernel, (B * H,))(
+                k, eta, la, Ti[i], LOG2C=C.bit_length() - 1, C=C, D=d, **options)
+        _launch(chunk_fwd_kernel, (B * 6 * H,))(
+            W1s[i], W2s[i], k, v, eta, la, q, Ti[i], W1s[i + 1], W2s[i + 1], o[i], 6, H,
+            DGD=spec.dgd, HAS_Q=False, TARGETS=spec.targets, **shapes)
     k, v, q = kvq[0]
     eta, la = gates[0]
-    chunk_readout_kernel[(B * H, n)](W1s, W2s, k, v, eta, la, q, Ti, o, 6, H, *_chunk_strides(W1s, kvq, gates),
-                                     DGD=spec.dgd, TARGETS=spec.targets, **shapes)
+    _launch(chunk_readout_kernel, (B * H, n))(
+        W1s, W2s, k, v, eta, la, q, Ti, o, 6, H, *_chunk_strides(W1s, kvq, gates),
+        DGD=spec.dgd, TARGETS=spec.targets, **shapes)
     return token_major(o), [W1s, W2s, kvq, gates, Ti]
 
 
@@ -132,22 +148,24 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
     eta, la = gates[0]
     inputs = (W1s, W2s, k, v, eta, la, q, Ti, do)
     strides = _chunk_strides(W1s, kvq, gates)
-    chunk_bwd_readout1_kernel[(B * H, n)](*inputs, dzr, dW1p, drp, dhp, detap, dlgp, 6, H, *strides, **shapes)
-    chunk_bwd_readout2_kernel[(B * H, n)](*inputs, dzr, dq, dW2p, dkp, dup, dEp, detap, dlgp, 6, H, *strides, **shapes)
+    _launch(chunk_bwd_readout1_kernel, (B * H, n))(
+        *inputs, dzr, dW1p, drp, dhp, detap, dlgp, 6, H, *strides, **shapes)
+    _launch(chunk_bwd_readout2_kernel, (B * H, n))(
+        *inputs, dzr, dq, dW2p, dkp, dup, dEp, detap, dlgp, 6, H, *strides, **shapes)
     partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)  # the state kernel finds chunk i's (i B H):
     # a view per partial and chunk cost more host time than the launches (bench_chunk.py --host)
     for i in reversed(range(n)):
         after, before = (n - 1 - i) % 2, (n - i) % 2
         k, v, q = kvq[i]
         eta, la = gates[i]
-        chunk_bwd_state_kernel[(B * 6 * H,)](W1s[i], W2s[i], k, v, eta, la, Ti[i], dW1[after], dW2[after], *partials,
-                                             dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H, i * B * H,
-                                             HAS_Q=True, **shapes)
+        _launch(chunk_bwd_state_kernel, (B * 6 * H,))(
+            W1s[i], W2s[i], k, v, eta, la, Ti[i], dW1[after], dW2[after], *partials,
+            dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H, i * B * H, HAS_Q=True, **shapes)
         if spec.targets:
-            targets_bwd_kernel[(B * 6 * H,)](W1s[i], W2s[i], v, dvhat, dW1[before], dW2[before], dv, 6, H, C=C, D=d, M=m,
-                                             PREC=shapes["PREC"])
+            _launch(targets_bwd_kernel, (B * 6 * H,))(
+                W1s[i], W2s[i], v, dvhat, dW1[before], dW2[before], dv, 6, H, C=C, D=d, M=m, PREC=shapes["PREC"])
         zc, dzc = z[:, :, :, i * C:(i + 1) * C], dz[:, :, :, i * C:(i + 1) * C]
-        projection_read_bwd_kernel[(B * X * H,)](
+        _launch(projection_read_bwd_kernel, (B * X * H,))(
             zc, W1s[i], W2s[i], readout, *(dq[i],) * 5, dk, dv if spec.targets else dvhat, deta, dla,
             dW1[before], dW2[before], dzc, dreadout[i], *zc.stride()[:4], *dzc.stride()[:4], B, H, C, spec.eta_max,
             spec.eps, C=C, D=d, M=m, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=spec.normalize_v, DECAY=spec.decay,

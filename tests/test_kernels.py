@@ -295,17 +295,43 @@ def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
 @needs_triton
 def test_bench_chunk_times_the_memory_pass_per_precision(capsys):
     """`bench_chunk.py --pass` on CPU: the tiny config's memory pass, PyTorch and Triton (interpreted),
-    the Triton row with its profile (on CUDA its kernels, here its heaviest ops)."""
+    the Triton rows with their profile (on CUDA their kernels, here their heaviest ops), one of them
+    with the state kernel at 8 warps (hope.memory_pass.WARPS, the table emptied after)."""
+    from hope import memory_pass
     bench = load_tool("bench_chunk")
-    bench.main_memory_pass(argparse.Namespace(size="340M", device="cpu", seq=2048, batch=1, reps=1, precisions="tf32"))
+    args = dict(size="340M", device="cpu", seq=2048, batch=1, reps=1)
+    bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32", warps=["chunk_bwd_state_kernel=8"]))
     lines = capsys.readouterr().out.splitlines()[1:]
     rows = [line.split() for line in lines if not line.startswith("    ")]
-    assert [row[0] for row in rows] == ["triton", "torch"], rows
-    assert rows[0][1:4:2] == ["tf32", "ms"] and rows[1][2] == "ms", rows  # times, not "failed: ..."
-    profile = lines[1:lines.index(next(line for line in lines if line.startswith("  torch")))]
-    assert profile[0].startswith("    CPU ops") and any("MemoryPassBackward" in line for line in profile), lines
+    assert [row[0] for row in rows] == ["triton", "triton", "torch"], rows
+    assert rows[0][1:4:2] == ["tf32", "ms"] and rows[2][2] == "ms", rows  # times, not "failed: ..."
+    assert rows[1][1:4] == ["tf32,", "warps", "chunk_bwd_state=8"] and rows[1][5] == "ms", rows
+    profiles = [i for i, line in enumerate(lines) if line.startswith("    CPU ops")]
+    assert [lines[i - 1].split()[0] for i in profiles] == ["triton", "triton"], lines
+    assert any("MemoryPassBackward" in line for line in lines[profiles[0]:profiles[1]]), lines
+    assert memory_pass.WARPS == {}
     with pytest.raises(SystemExit, match="fp8"):
-        bench.main_memory_pass(argparse.Namespace(size="340M", device="cpu", seq=2048, batch=1, reps=1, precisions="fp8"))
+        bench.main_memory_pass(argparse.Namespace(**args, precisions="fp8", warps=[]))
+    with pytest.raises(SystemExit, match="KERNEL=N"):
+        bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32", warps=["state=8"]))
+
+
+def test_memory_pass_launches_each_kernel_at_the_warps_of_its_table(monkeypatch):
+    """hope.memory_pass.WARPS sets a kernel's warps per program at its launches (4 otherwise)."""
+    from hope import memory_pass
+    launches = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.__name__ = name
+
+        def __getitem__(self, grid):
+            return lambda *args, num_warps: launches.append((self.__name__, grid, num_warps))
+
+    monkeypatch.setitem(memory_pass.WARPS, "chunk_bwd_state_kernel", 8)
+    memory_pass._launch(Kernel("chunk_bwd_state_kernel"), (6,))(1, 2)
+    memory_pass._launch(Kernel("chunk_fwd_kernel"), (6,))(1, 2)
+    assert launches == [("chunk_bwd_state_kernel", (6,), 8), ("chunk_fwd_kernel", (6,), 4)]
 
 
 @needs_triton

@@ -166,27 +166,32 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
     return (times[1] - times[0]) / 32 * 1e6
 
 
-def kernel_breakdown(fn, xs, device: str, top: int = 10) -> list[tuple[str, int, float]]:
-    """[(name, launches, us)] of one forward + backward under torch.profiler, heaviest first: the
-    GPU kernels on CUDA (their sum against the wall time tells whether the loop waits on the host
-    or on its kernels, and which kernel to work on); on CPU the heaviest ops (a check of the code)."""
+def kernel_breakdown(fn, xs, device: str, top: int = 10) -> tuple[float, list[tuple[str, int, float]]]:
+    """(us, [(name, launches, us)]) of one forward + backward under torch.profiler, heaviest first:
+    the GPU kernels on CUDA (their sum against the wall time tells whether the loop waits on the
+    host or on its kernels, and which kernel to work on); on CPU the heaviest ops (a check of the code)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     on_cuda = device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         fwd_bwd(fn, xs)
         if on_cuda:
             torch.cuda.synchronize()
+        us = (time.perf_counter() - start) * 1e6
     kind = DeviceType.CUDA if on_cuda else DeviceType.CPU
     rows = sorted(((e.key, e.count, e.self_device_time_total if on_cuda else e.self_cpu_time_total)
                    for e in prof.key_averages() if e.device_type == kind), key=lambda row: -row[2])
-    return rows if on_cuda else rows[:top]
+    return us, rows if on_cuda else rows[:top]
 
 
-def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisions: list[str], reps: int):
+def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisions: list[str], reps: int,
+                     warps: list[dict[str, int]] = ()):
     """Rows (name, us per layer forward + backward, kernel_breakdown of the eager Triton variants
-    or None) of hope/memory_pass.py at the shapes of `cfg`."""
+    or None) of hope/memory_pass.py at the shapes of `cfg`. Each of `warps` (kernel name -> warps,
+    hope.memory_pass.WARPS) adds an eager Triton variant per precision."""
+    from hope import memory_pass as memory_pass_module
     from hope.memory_pass import CudaGraphs, memory_pass
     from hope.projection_step import ReadSpec
     H, d, m, C = cfg.num_heads, cfg.head_dim, cfg.memory_width, cfg.chunk_size
@@ -197,25 +202,35 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
     readout = (0.1 * torch.randn(2, H, d + 1, device=device)).requires_grad_(True)
     variants = []  # Triton first: on a GPU the compiled op's first call compiles for a minute or two
     for precision in precisions:
-        variants.append((f"triton {precision}", "triton", precision, False))
+        variants.append((f"triton {precision}", "triton", precision, False, {}))
         if device == "cuda":
-            variants.append((f"triton {precision} + CUDA graphs", "triton", precision, True))
-    variants += [("compiled", "compiled", None, False)] if device == "cuda" else [("torch", "torch", None, False)]
+            variants.append((f"triton {precision} + CUDA graphs", "triton", precision, True, {}))
+        variants += [(f"triton {precision}, warps " + ",".join(f"{k.removesuffix('_kernel')}={n}" for k, n in w.items()),
+                      "triton", precision, False, w) for w in warps]
+    variants += [("compiled", "compiled", None, False, {})] if device == "cuda" else [("torch", "torch", None, False, {})]
     rows = []
-    for name, backend, precision, graphed in variants:
+    for name, backend, precision, graphed, variant_warps in variants:
+        memory_pass_module.WARPS.clear()
+        memory_pass_module.WARPS.update(variant_warps)
         graphs = CudaGraphs() if graphed else None
         fn = lambda *xs: (memory_pass(*xs, spec._replace(precision=precision or "tf32"), backend, C, graphs),)  # noqa: E731
+        xs, profiled = [z, W1, W2, readout], backend == "triton" and not graphed
         # a variant that fails (out of memory, a compile error) leaves the others, a failed profile its time
         try:
-            us = time_it(fn, [z, W1, W2, readout], device, reps, warmup=0 if device == "cpu" else 3)
+            if profiled and device == "cpu":  # interpreted: one profiled run checks the code, its time means little
+                us, profile = kernel_breakdown(fn, xs, device)
+            else:
+                us, profile = time_it(fn, xs, device, reps, warmup=0 if device == "cpu" else 3), None
         except Exception as e:
             rows.append((name, failure(e), None))
             continue
-        try:
-            profile = kernel_breakdown(fn, [z, W1, W2, readout], device) if backend == "triton" and not graphed else None
-        except Exception as e:
-            profile = [(f"profile {failure(e)}", 1, 0.0)]
+        if profiled and profile is None:
+            try:
+                profile = kernel_breakdown(fn, xs, device)[1]
+            except Exception as e:
+                profile = [(f"profile {failure(e)}", 1, 0.0)]
         rows.append((name, us, profile))
+    memory_pass_module.WARPS.clear()
     return rows
 
 
@@ -250,6 +265,9 @@ def main():
                    help="time one layer's memory pass (hope/memory_pass.py) over a sequence instead")
     p.add_argument("--seq", type=int, default=2048, help="--pass: sequence length")
     p.add_argument("--precisions", default="tf32,bf16", help="--pass: memory_precision values to time")
+    p.add_argument("--warps", action="append", default=[], metavar="KERNEL=N[,KERNEL=N]",
+                   help="--pass: one more eager Triton variant per precision with these kernels at N warps "
+                        "(hope.memory_pass.WARPS; 4 otherwise); may be repeated")
     args = p.parse_args()
     if args.memory_pass:
         return main_memory_pass(args)
@@ -296,6 +314,20 @@ def main():
               f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
 
 
+def parse_warps(spec: str) -> dict[str, int]:
+    """'chunk_bwd_state_kernel=8,projection_read_bwd_kernel=8' -> {kernel name: warps}."""
+    from hope import triton_chunk, triton_projection
+    kernels = {name for name in dir(triton_chunk) + dir(triton_projection) if name.endswith("_kernel")}
+    warps = {}
+    for item in spec.split(","):
+        name, _, n = item.partition("=")
+        if name not in kernels or n not in ("1", "2", "4", "8", "16"):
+            raise SystemExit(f"--warps: {item!r} is not KERNEL=N with N in 1, 2, 4, 8, 16 and KERNEL one of "
+                             f"{', '.join(sorted(kernels))}")
+        warps[name] = int(n)
+    return warps
+
+
 def main_memory_pass(args):
     size = args.size if args.device == "cuda" else "tiny"  # the interpreter: a check of the code, not a time
     cfg = HopeConfig.from_yaml(ROOT / "configs/model" / f"{size}.yaml")
@@ -307,7 +339,8 @@ def main_memory_pass(args):
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreted)'} | "
           f"torch {torch.__version__} | {size}: one layer's memory pass (both passes), batch {args.batch} x {seq}, "
           f"H={cfg.num_heads} d={cfg.head_dim} m={cfg.memory_width} C={cfg.chunk_size}, forward + backward")
-    for name, us, breakdown in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps):
+    warps = [parse_warps(spec) for spec in getattr(args, "warps", [])]
+    for name, us, breakdown in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps, warps):
         if isinstance(us, str):
             print(f"  {name:30s} {us}", flush=True)
             continue

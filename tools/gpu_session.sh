@@ -4,7 +4,8 @@
 #
 #   bash tools/gpu_session.sh wheels      # here, once: wheels the GPU image lacks, into .whl/
 #   bash tools/gpu_session.sh             # there (device tool, carry [".whl"]): one layer's memory pass
-#                                         # per backend and precision (bench_chunk --pass), then the GPU
+#                                         # per backend and precision, and with the state kernel at 8
+#                                         # warps, each profiled (bench_chunk --pass), then the GPU
 #                                         # tests in 8 processes (Triton compiles each kernel variant at
 #                                         # its first launch, one at a time per process); results in $OUT
 #   bash tools/gpu_session.sh throughput  # there, a second call: bench_throughput at 340M, 2K with
@@ -92,6 +93,7 @@ rest)  # rest PRECISION: the other two pairs, 8K tokens per step at 340M, 4K at 
     part "1.3B-2K-$2" 280 $(bench 1.3B 2048 2 "$2")
     exit 0 ;;
 esac
-part memory-pass 300 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions tf32,bf16 --reps 5
-part gpu-tests 250 python3 -m pytest -q -n 8 -m gpu tests/test_kernels.py tests/test_projection_step.py \
+part memory-pass 320 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions tf32,bf16 --reps 5 \
+    --warps chunk_bwd_state_kernel=8
+part gpu-tests 240 python3 -m pytest -q -n 8 -m gpu tests/test_kernels.py tests/test_projection_step.py \
     -p no:cacheprovider
