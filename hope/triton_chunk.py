@@ -341,7 +341,7 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
     4 warps, and a thread has 255): the read-out's partial adjoints are loaded where they are added,
     dW1n and dW2n where they are used (and again at the end), W2's half of the chunk-end adjoint
     before the delta rule and W1's after it, the activation's derivatives where they are used
-    (tools/triton_resources.py prints the bytes spilled: 4,152 -> 3,440 per thread at tf32)."""
+    (tools/triton_resources.py prints the bytes spilled: 4,152 -> 3,440 per thread at tf32, Triton 3.9)."""
     n = tl.program_id(0).to(tl.int64)
     rc, cd, cm, dm, md, cv, kcd, kcv, nk = _offsets(n, SX, SH, C, D, M)
     last = rc == C - 1
