@@ -133,3 +133,13 @@ def test_cli_refuses_bad_config_with_one_line_and_status_2(tmp_path):
     assert result.stderr.strip() == f"hope-train: error: {path}: train.max_steps: expected an int, got 'ten'"
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+def test_cli_exit_keeps_the_status_the_output_and_the_exit_handlers():
+    """The trainer's ranks exit without the interpreter's teardown (train.cli.exit_without_teardown):
+    the status, unflushed output and the exit handlers (logging, child processes) are kept."""
+    script = ("import atexit, sys; from train.cli import exit_without_teardown; "
+              "atexit.register(lambda: print('handler ran', file=sys.stderr)); "
+              "print('unflushed', end=''); exit_without_teardown(3)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "unflushed", "handler ran\n")

@@ -7,6 +7,8 @@ one line naming the file, key and expectation and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 
 
@@ -52,5 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_without_teardown(code: int) -> None:
+    """Exit once main has returned: everything is saved, flushed and closed by then (fit ends on a
+    barrier). The exit handlers still run (logging, child processes, file locks); what is skipped
+    is the interpreter's teardown of every module and object of torch, transformers and DeepSpeed,
+    ~1.5 s of nothing per process at every exit (and a chance to hang in a library's destructor)."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run() -> None:
+    """The `hope-train` command (and `python -m train.cli`)."""
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
