@@ -19,6 +19,9 @@ from test_hope_model import VARIANTS, rel_err, tiny_layer
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# Triton on CPU tensors: only in the interpreter, which conftest.py turns on where there is no CUDA;
+# on a GPU machine the kernels compile for the GPU and refuse CPU tensors (the gpu tests cover them)
+interpreted = pytest.mark.skipif(CUDA, reason="Triton's interpreter on CPU tensors (no CUDA)")
 
 
 def chunk_inputs(lead, C, d, m, dtype=torch.float32, device="cpu", seed=0):
@@ -293,6 +296,7 @@ def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
 
 
 @needs_triton
+@interpreted
 def test_bench_chunk_times_the_memory_pass_per_precision(capsys):
     """`bench_chunk.py --pass` on CPU: the tiny config's memory pass, PyTorch and Triton (interpreted),
     the Triton rows with their profile (on CUDA their kernels, here their heaviest ops), one of them
@@ -335,6 +339,7 @@ def test_memory_pass_launches_each_kernel_at_the_warps_of_its_table(monkeypatch)
 
 
 @needs_triton
+@interpreted
 def test_triton_layer_launches_per_chunk_step():
     """A whole HOPE layer, forward and backward, per chunk step of both passes: the read, one
     inverse, and the write kernels (state, targets) once for all six memories; the read-out's
@@ -347,6 +352,7 @@ def test_triton_layer_launches_per_chunk_step():
 
 
 @needs_triton
+@interpreted
 def test_memory_precision_reaches_every_triton_launch(monkeypatch):
     """The model field memory_precision, through the per-chunk ops (projection_step and the chunk
     op; memory_pass takes the same read spec), to every Triton launch, forward and backward."""
@@ -360,6 +366,7 @@ def test_memory_precision_reaches_every_triton_launch(monkeypatch):
 
 
 @needs_triton
+@interpreted
 @pytest.mark.parametrize("length,chunk", [(21, 8), (32, 16)])
 def test_model_with_triton_kernels_equals_reference(length, chunk, monkeypatch):
     """Chunks of 8 run padded to 16, one op per chunk and pass; 2 chunks of 16: both passes in one op."""

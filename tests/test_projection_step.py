@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hope.memory import MemoryState, _chunk_update, activation, memory_forward
 from hope.projection_step import ReadSpec, projection_step
 from test_hope_model import rel_err
-from test_kernels import CUDA, gpu, needs_cuda, needs_triton
+from test_kernels import CUDA, gpu, interpreted, needs_cuda, needs_triton
 
 SPECS = {  # eta_max, decay, normalize_v, dgd, targets: HOPE's, and each switch flipped
     "hope": ReadSpec(1.0, True, True, True, True),
@@ -84,7 +84,7 @@ def test_triton_projection_step_equals_pytorch(name, C):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[needs_triton, interpreted])])
 def test_memory_pass_equals_the_per_chunk_ops(name, backend):
     """hope/memory_pass.py (both passes, the main memory as a sixth memory of the writes; Triton:
     its own loops over preallocated buffers) against projection_step + the chunk op per chunk."""
@@ -112,6 +112,7 @@ def test_memory_pass_equals_the_per_chunk_ops(name, backend):
 
 
 @needs_triton
+@interpreted
 def test_bf16_kernels_track_float64():
     """memory_precision: bf16 (on CPU: the interpreter rounds the operands to bf16 in fp32): the
     memory pass stays within bf16's error of float64 over the chunks, and that error is bf16's, not
@@ -129,6 +130,7 @@ def test_bf16_kernels_track_float64():
 
 
 @needs_triton
+@interpreted
 def test_projection_step_is_a_handful_of_launches():
     """Forward: read, inverse, writes; backward: writes, targets', read (the targets are computed
     inside the writes' kernels); the read-out gradients' sum over the batch is the one PyTorch op."""

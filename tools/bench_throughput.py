@@ -142,7 +142,10 @@ def measure(name: str, config: HopeConfig, seq: int, micro: int, args, device: t
     return {"status": "ok", "params": n_params, "tokens_per_s": tokens_per_s, "ms_per_step": seconds * 1e3,
             "step_ms": [t * 1e3 for t in times], "flops_per_token": flops,
             "mfu": tokens_per_s * flops / peak if peak else None, "loss": loss.item(),
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            # CUDA graphs replay in memory their capture freed back to their pool: allocated, not reserved,
+            # misses it, so whether a run fits the GPU is the reserved peak
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
 
 
 def free_memory(device: torch.device) -> None:
@@ -172,6 +175,8 @@ def format_result(r: dict) -> str:
         return f"  {r['model']:14s} {r['status']}"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
+    if r.get("peak_reserved_gib") is not None:
+        mem += f" (reserved {r['peak_reserved_gib']:.1f})"
     notes = [n for n, on in (("layer checkpointing", r["checkpointing"]), ("compiled", r["compiled"])) if on]
     if r.get("memory_kernel"):
         notes.append(f"memory_kernel {r['memory_kernel']}")
