@@ -174,9 +174,8 @@ def format_result(r: dict) -> str:
     if r["status"] != "ok":
         return f"  {r['model']:14s} {r['status']}"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
-    if r.get("peak_reserved_gib") is not None:
-        mem += f" (reserved {r['peak_reserved_gib']:.1f})"
+    mem = (f"{r['peak_mem_gib']:.1f} GiB (reserved {r['peak_reserved_gib']:.1f})" if r["peak_mem_gib"] is not None
+           else "n/a")  # both figures on CUDA, neither on CPU
     notes = [n for n, on in (("layer checkpointing", r["checkpointing"]), ("compiled", r["compiled"])) if on]
     if r.get("memory_kernel"):
         notes.append(f"memory_kernel {r['memory_kernel']}")
