@@ -125,6 +125,27 @@ def test_scripts_keys_exist_in_every_shipped_train_config():
         assert config.optimizer.name
 
 
+@pytest.mark.parametrize("name", ["340M", "760M", "1.3B"])
+def test_pretraining_recipes_fit_any_cluster_and_say_their_token_budget(name):
+    """The shipped pretraining recipes keep their global batch on 1 to 16 nodes of 8 GPUs (so a run
+    resumes on another number of nodes), their model is the size they are named for, they export
+    to Hugging Face periodically, and the token budget in their comment is the one they run."""
+    import re
+
+    from train.config import load_model_config
+
+    path = REPO / "configs" / "train" / f"{name}.yaml"
+    config = load_config(path, ["data.path=default"])
+    assert load_model_config(config.model, str(path)).hidden_size == yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())["hidden_size"]
+    for ranks in (8, 16, 32, 64, 128):
+        if ranks * config.deepspeed["train_micro_batch_size_per_gpu"] <= config.deepspeed["train_batch_size"]:
+            resolve_batch(config.deepspeed, ranks, str(path))
+    assert config.train.hf_export_every > 0 and config.train.keep_checkpoints >= 2  # docs/EXPORT.md
+    tokens = config.train.max_steps * config.deepspeed["train_batch_size"] * config.data.seq_len
+    stated = re.search(r"max_steps: \d+ +# ([\d.]+)B tokens", path.read_text())
+    assert stated and float(stated.group(1)) == round(tokens / 1e9, 1)
+
+
 def test_cli_refuses_bad_config_with_one_line_and_status_2(tmp_path):
     path = write(tmp_path, BASE)
     result = subprocess.run([sys.executable, "-m", "train.cli", str(path), "--run-dir", str(tmp_path / "run"),

@@ -156,12 +156,14 @@ def test_tokenizer_round_trip_matches_sentencepiece(tmp_path):
 def test_run_config_export_keys_are_validated():
     from train.config import ConfigError, load_config
 
-    config = load_config(ROOT / "configs/train/tiny-cpu.yaml", ["train.hf_export_every=50", "train.hf_push_to_hub=org/name"])
-    assert (config.train.hf_export_every, config.train.hf_export_dtype, config.train.hf_push_to_hub) == (50, "bf16", "org/name")
+    config = load_config(ROOT / "configs/train/tiny-cpu.yaml", ["train.hf_export_every=120", "train.hf_push_to_hub=org/name"])
+    assert (config.train.hf_export_every, config.train.hf_export_dtype, config.train.hf_push_to_hub) == (120, "bf16", "org/name")
     with pytest.raises(ConfigError, match="train.hf_export_dtype.*one of bf16, fp32.*fp16"):
         load_config(ROOT / "configs/train/tiny-cpu.yaml", ["train.hf_export_dtype=fp16"])
     with pytest.raises(ConfigError, match="train.hf_export_every"):
         load_config(ROOT / "configs/train/tiny-cpu.yaml", ["train.hf_export_every=-1"])
+    with pytest.raises(ConfigError, match=r"train.hf_export_every: expected 0 or a multiple of train.checkpoint_every=60, got 50"):
+        load_config(ROOT / "configs/train/tiny-cpu.yaml", ["train.hf_export_every=50"])  # exports convert checkpoints
 
 
 def test_cli_exports_then_fails_push_without_token_in_one_line(tmp_path, monkeypatch, capsys):

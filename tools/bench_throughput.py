@@ -36,7 +36,7 @@ from train.distributed import init_world  # noqa: E402
 from train.metrics import device_peak_flops  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "model"
-# Default tokens per step (micro-batch = this // seq): 8 x 2K for 340M like configs/train/340M-h100.yaml,
+# Default tokens per step (micro-batch = this // seq): 8 x 2K for 340M like configs/train/transformer-340M-h100.yaml,
 # half that for the larger models so HOPE-1.3B at 4K has a chance to fit one 80 GB GPU.
 TOKENS_PER_STEP = {"tiny": 256, "340M": 16384, "760M": 8192, "1.3B": 8192}
 QUICK = dict(sizes="tiny", seqs="128", steps=2, warmup=1)

@@ -67,7 +67,7 @@ class TrainConfig:
     wandb_project: str = "hope-train"
     wandb_name: str | None = None
     peak_tflops: float | None = None  # device peak for MFU; None = known GPUs' dense bf16 peak
-    hf_export_every: int = 0  # RUN_DIR/hf/step-N at checkpoints every N steps and at the end; 0 = never
+    hf_export_every: int = 0  # RUN_DIR/hf/step-N every N steps (a multiple of checkpoint_every) and at the end; 0 = never
     hf_export_dtype: str = "bf16"  # bf16 | fp32
     hf_push_to_hub: str | None = None  # ORG/NAME: each periodic export also goes to its branch step-N
 
@@ -280,6 +280,8 @@ def validate(config: RunConfig) -> None:
         fail("train.wandb", f"one of {', '.join(WANDB_MODES)}", t.wandb)
     if not isinstance(t.hf_export_every, int) or t.hf_export_every < 0:
         fail("train.hf_export_every", "an int >= 0", t.hf_export_every)
+    if t.hf_export_every % t.checkpoint_every:  # an export converts a checkpoint just saved
+        fail("train.hf_export_every", f"0 or a multiple of train.checkpoint_every={t.checkpoint_every}", t.hf_export_every)
     if t.hf_export_dtype not in ("bf16", "fp32"):
         fail("train.hf_export_dtype", "one of bf16, fp32", t.hf_export_dtype)
     if d.path != "default" and "://" not in d.path and not Path(d.path).is_dir():
