@@ -9,9 +9,11 @@
 #                                         # tests in 8 processes (Triton compiles each kernel variant at
 #                                         # its first launch, one at a time per process); results in $OUT
 #   bash tools/gpu_session.sh throughput  # there, a second call: bench_throughput at 340M, 2K with
-#                                         # Triton + CUDA graphs at tf32 and at bf16, then HOPE-1.3B at 4K,
-#                                         # micro-batch 1 (issue 8's memory bound) at the faster precision
-#   bash tools/gpu_session.sh rest bf16   # there, a third call: 340M at 4K and 1.3B at 2K at that precision
+#                                         # Triton + CUDA graphs at tf32 and at bf16, then at the faster
+#                                         # precision HOPE-1.3B at 4K, micro-batch 1 (issue 8's memory
+#                                         # bound), 340M at 4K and 1.3B at 2K, as many as its time allows
+#   bash tools/gpu_session.sh rest bf16   # there, a third call if time is left: 340M at 4K and 1.3B at 2K
+#                                         # at that precision (the pairs the second call had no time for)
 #
 # Between calls: rm -rf .triton-cache && cp -r <files_at>/triton-cache .triton-cache, and carry
 # [".whl", ".triton-cache"]. At most 8 files come back: the logs, device.txt and the cache's parts.
@@ -20,9 +22,13 @@
 # venv compiles every kernel for sm_90 too (docs/PERFORMANCE.md).
 # The GPU image has torch, triton and numpy but no deepspeed and no network, hence the wheels
 # (Python 3.12). Each part has its own time limit, so one that hangs or runs out of memory does not
-# cost the others (a call's limits add up to 520 s or less of the device's 600: the wheels' install
-# and the Triton cache's restore and save need the rest, or the cache is lost); every part's full
-# output is in $OUT/<part>.log, its tail on stdout.
+# cost the others, and no part runs past the call's deadline, 520 s after it starts (of the device's
+# 600: the wheels' install and the Triton cache's restore and save need the rest, or the cache is
+# lost); a part with under 30 s left is skipped. Every part's full output is in $OUT/<part>.log,
+# its tail on stdout.
+# Device time counts from each machine's start (a minute or two, every call that finds none warm):
+# two full calls and a shorter third fit a session's 30 minutes, so the second call runs every pair
+# it can and the third is for what it had no time for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +49,8 @@ if [ -d .whl ]; then
     export PYTHONPATH="/tmp/site:$PWD"
 fi
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONWARNINGS=ignore  # the image's 9.0a breaks DeepSpeed's op builder
+export PYTHONUNBUFFERED=1  # a part killed at its limit keeps everything it printed
+DEADLINE=$((SECONDS + ${GPU_SESSION_SECONDS:-520}))
 # Triton compiles each kernel variant at its first launch (~1-2 minutes for all, one at a time),
 # and a machine left idle for 30 s goes back bare: the compiled kernels travel from call to call.
 # Each call leaves them in $OUT/triton-cache/ (parts of 15 MiB: the device returns files of 16 MiB
@@ -57,10 +65,14 @@ save_triton_cache() {
 trap save_triton_cache EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
-part() {  # part NAME SECONDS COMMAND...
-    local name=$1 limit=$2
+part() {  # part NAME SECONDS COMMAND...: at most SECONDS, and never past the call's DEADLINE
+    local name=$1 limit=$(( $2 < DEADLINE - SECONDS ? $2 : DEADLINE - SECONDS ))
     shift 2
-    echo "== $name ($*)"
+    if [ "$limit" -lt 30 ]; then
+        echo "== $name: skipped, $limit s left of the call's time"
+        return
+    fi
+    echo "== $name, at most $limit s ($*)"
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "   exit $? after $((SECONDS - start)) s"
@@ -89,6 +101,8 @@ print(best.removesuffix(".json").rsplit("-", 1)[1] if hope_tokens_per_s(best) el
 PY
 )
     part "1.3B-4K-$best" 200 $(bench 1.3B 4096 1 "$best")
+    part "340M-4K-$best" 160 $(bench 340M 4096 2 "$best")  # 8K tokens per step, like 4 x 2K
+    part "1.3B-2K-$best" 160 $(bench 1.3B 2048 2 "$best")  # 4K tokens per step, like 1 x 4K
     exit 0 ;;
 rest)  # rest PRECISION: the other two pairs, 8K tokens per step at 340M, 4K at 1.3B
     part "340M-4K-$2" 250 $(bench 340M 4096 2 "$2")
