@@ -21,13 +21,20 @@ SCRIPT = ROOT / "tools" / "bench_throughput.py"
 RATIO_LINE = re.compile(r"^ratio HOPE/Transformer\+\+: (\d+\.\d\d)$")
 
 
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_throughput") / "results.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=170)
+    command = [sys.executable, str(SCRIPT), "--quick", "--profile", "--memory-limit-gib", "78.5", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     return proc, out
 
 
@@ -42,6 +49,11 @@ def test_quick_prints_both_models_and_the_ratio_line(quick_run):
         assert any(line.split()[:1] == [name] and "tokens/s" in line and re.search(r"MFU +n/a", line)
                    for line in lines), \
             f"no result line for {name}:\n{proc.stdout}"
+    # --profile: under each result line its profiled step, the heaviest ops first (on CUDA: kernels)
+    profiles = [i for i, line in enumerate(lines) if line.startswith("    CPU ops (the heaviest):")]
+    assert [lines[i - 1].split()[0] for i in profiles] == ["HOPE", "Transformer++"], proc.stdout
+    assert any("aten::" in line for line in lines[profiles[0] + 1:profiles[1]]), proc.stdout
+    assert "memory limit: --memory-limit-gib applies to CUDA only, ignored on CPU" in lines
     match = RATIO_LINE.match(lines[-1])
     assert match, f"last line is not the ratio line: {lines[-1]!r}"
     assert float(match.group(1)) > 0
@@ -63,6 +75,10 @@ def test_quick_writes_the_json_report(quick_run):
         assert r["mfu"] is None and r["peak_mem_gib"] is None and r["peak_reserved_gib"] is None
         assert len(r["step_ms"]) == report["steps"]
         assert 0 < r["loss"] < 20  # a real loss of a freshly initialised model (ln 4096 = 8.3)
+        kernels = r["profile"]["kernels"]
+        assert r["profile"]["gpu"] is False and r["profile"]["ms"] > 0 and 0 < len(kernels) <= 25
+        assert [k[2] for k in kernels] == sorted((k[2] for k in kernels), reverse=True)  # heaviest first
+    assert report["memory_limit_gib"] is None  # the cap is CUDA's allocator's
     hope, transformer = report["results"]
     assert report["pairs"] == [{"size": "tiny", "seq": 128, "micro_batch": hope["micro_batch"],
                                 "ratio": pytest.approx(hope["tokens_per_s"] / transformer["tokens_per_s"])}]
@@ -72,9 +88,7 @@ def test_quick_writes_the_json_report(quick_run):
 
 
 def test_oom_is_reported_and_hope_oom_counts_as_zero(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -89,3 +103,11 @@ def test_oom_is_reported_and_hope_oom_counts_as_zero(monkeypatch):
     assert bench.pair_ratio({"status": "OOM"}, ok) == (0.0, "0.00 (HOPE OOM, counted as 0.00)")
     assert bench.pair_ratio(ok, {"status": "OOM"})[0] is None
     assert bench.pair_ratio({"status": "ok", "tokens_per_s": 70.0}, ok)[0] == pytest.approx(0.7)
+
+
+def test_memory_limit_must_be_a_positive_size(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--memory-limit-gib", "0"])
+    assert "--memory-limit-gib 0.0: expected a size in GiB above 0" in capsys.readouterr().err
+    assert bench.limit_memory(78.5, torch.device("cpu")) is None

@@ -37,11 +37,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if not torch.cuda.is_available():  # the Triton row runs in Triton's interpreter (read at its import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project, and bench_model when imported by a test
 from hope import HopeConfig  # noqa: E402
 from hope import chunk_grad  # noqa: E402
 from hope.config import MEMORY_PRECISIONS  # noqa: E402
 from hope.memory import MemoryState, _chunk_update, activation, memory_forward  # noqa: E402
+from bench_model import format_breakdown, kernel_breakdown  # noqa: E402
 
 
 def inputs(lead, C, d, m, device, with_q, shared_dim=None):
@@ -166,26 +167,6 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
     return (times[1] - times[0]) / 32 * 1e6
 
 
-def kernel_breakdown(fn, xs, device: str, top: int = 10) -> tuple[float, list[tuple[str, int, float]]]:
-    """(us, [(name, launches, us)]) of one forward + backward under torch.profiler, heaviest first:
-    the GPU kernels on CUDA (their sum against the wall time tells whether the loop waits on the
-    host or on its kernels, and which kernel to work on); on CPU the heaviest ops (a check of the code)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    on_cuda = device == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        fwd_bwd(fn, xs)
-        if on_cuda:
-            torch.cuda.synchronize()
-        us = (time.perf_counter() - start) * 1e6
-    kind = DeviceType.CUDA if on_cuda else DeviceType.CPU
-    rows = sorted(((e.key, e.count, e.self_device_time_total if on_cuda else e.self_cpu_time_total)
-                   for e in prof.key_averages() if e.device_type == kind), key=lambda row: -row[2])
-    return us, rows if on_cuda else rows[:top]
-
-
 def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisions: list[str], reps: int,
                      warps: list[dict[str, int]] = ()):
     """Rows (name, us per layer forward + backward, kernel_breakdown of the eager Triton variants
@@ -218,7 +199,7 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
         # a variant that fails (out of memory, a compile error) leaves the others, a failed profile its time
         try:
             if profiled and device == "cpu":  # interpreted: one profiled run checks the code, its time means little
-                us, profile = kernel_breakdown(fn, xs, device)
+                us, profile = kernel_breakdown(lambda: fwd_bwd(fn, xs), device)
             else:
                 us, profile = time_it(fn, xs, device, reps, warmup=0 if device == "cpu" else 3), None
         except Exception as e:
@@ -226,7 +207,7 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
             continue
         if profiled and profile is None:
             try:
-                profile = kernel_breakdown(fn, xs, device)[1]
+                profile = kernel_breakdown(lambda: fwd_bwd(fn, xs), device)[1]
             except Exception as e:
                 profile = [(f"profile {failure(e)}", 1, 0.0)]
         rows.append((name, us, profile))
@@ -347,12 +328,8 @@ def main_memory_pass(args):
         bound = args.batch * seq / (us * 1e-6 * cfg.num_layers)
         print(f"  {name:30s} {us / 1e3:9.2f} ms per layer  -> {bound:10,.0f} tokens/s for the memories "
               f"of all {cfg.num_layers} layers alone", flush=True)
-        if breakdown:
-            busy = sum(row[2] for row in breakdown)
-            what = "GPU kernels" if args.device == "cuda" else "CPU ops (the heaviest)"
-            print(f"    {what}: {busy / 1e3:.2f} ms in one forward + backward, {100 * busy / us:.0f}% of the time above")
-            for kernel, launches, kernel_us in breakdown:
-                print(f"      {kernel[:40]:40s} {launches:6d} x {kernel_us / launches:8.1f} us = {kernel_us / 1e3:7.2f} ms")
+        if breakdown:  # the kernels of one profiled forward + backward, against the row's time
+            print("\n".join(format_breakdown(us, breakdown, on_cuda=args.device == "cuda")), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
+from train.metrics import PEAK_BF16_FLOPS  # noqa: E402  (dense bf16 datasheet peaks, for MFU)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet peaks, for MFU
 
 
 def device_name(device: torch.device) -> str:
@@ -43,6 +43,38 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def kernel_breakdown(run, device: torch.device | str, top: int = 10) -> tuple[float, list[tuple[str, int, float]]]:
+    """(us, [(name, launches, us)]) of one call of `run` under torch.profiler, heaviest first: the
+    GPU kernels on CUDA (their sum against the wall time tells whether the work waits on the host
+    or on its kernels, and which kernel to work on); on CPU the heaviest ops (a check of the code)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run()
+        if on_cuda:
+            torch.cuda.synchronize()
+        us = (time.perf_counter() - start) * 1e6
+    kind = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    rows = sorted(((e.key, e.count, e.self_device_time_total if on_cuda else e.self_cpu_time_total)
+                   for e in prof.key_averages() if e.device_type == kind), key=lambda row: -row[2])
+    return us, rows if on_cuda else rows[:top]
+
+
+def format_breakdown(us: float, rows: list[tuple[str, int, float]], on_cuda: bool, top: int | None = None,
+                     indent: str = "    ") -> list[str]:
+    """kernel_breakdown's rows as lines: the busy time against the wall time, then one line a kernel."""
+    busy = sum(row[2] for row in rows)
+    what = "GPU kernels" if on_cuda else "CPU ops (the heaviest)"
+    lines = [f"{indent}{what}: {busy / 1e3:.2f} ms of {us / 1e3:.2f} ms, {100 * busy / us:.0f}% busy"]
+    for kernel, launches, kernel_us in rows[:top]:
+        lines.append(f"{indent}  {kernel[:48]:48s} {launches:6d} x {kernel_us / launches:8.1f} us = "
+                     f"{kernel_us / 1e3:8.2f} ms  {100 * kernel_us / max(busy, 1e-9):5.1f}%")
+    return lines
 
 
 def parse_overrides(items: list[str]) -> dict:

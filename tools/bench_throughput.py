@@ -11,6 +11,11 @@ params, tokens/s, ms/step, MFU (HopeConfig.flops_per_token, docs/FLOPS.md) and p
 A CUDA out-of-memory error is reported as OOM for that model and the run goes on. The last line
 is `ratio HOPE/Transformer++: X.XX`, the smallest ratio over the pairs (an OOM of HOPE counts 0).
 CUDA: bf16, ZeRO-2, fused AdamW. CPU: fp32, ZeRO-2 over gloo (one process).
+
+--profile adds one step of each model under torch.profiler: its GPU kernels, heaviest first, and
+how busy they kept the GPU. --memory-limit-gib caps PyTorch's allocator (CUDA graphs' pools
+included), so a larger GPU tells whether a run fits a smaller one: 78.5 for an 80 GB H100, whose
+79.2 GiB hold the CUDA context too.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project, and bench_model when imported by a test
-from bench_model import device_name, parse_overrides, sync  # noqa: E402
+from bench_model import device_name, format_breakdown, kernel_breakdown, parse_overrides, sync  # noqa: E402
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
 from train.distributed import init_world  # noqa: E402
 from train.metrics import device_peak_flops  # noqa: E402
@@ -40,6 +45,7 @@ CONFIGS = ROOT / "configs" / "model"
 # half that for the larger models so HOPE-1.3B at 4K has a chance to fit one 80 GB GPU.
 TOKENS_PER_STEP = {"tiny": 256, "340M": 16384, "760M": 8192, "1.3B": 8192}
 QUICK = dict(sizes="tiny", seqs="128", steps=2, warmup=1)
+PROFILE_ROWS = 25  # kernels kept per profiled step (JSON); the printout shows the first 12
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=("fused-adamw", "adamw", "muon", "m3"), default="fused-adamw",
                         help="fused-adamw: torch.optim.AdamW(fused=True); others: train.optim as hope-train uses it")
     parser.add_argument("--compile", action="store_true", help="torch.compile the Transformer++ (engine.compile)")
+    parser.add_argument("--profile", action="store_true", help="one more step of each model under torch.profiler")
+    parser.add_argument("--memory-limit-gib", type=float,
+                        help="cap PyTorch's CUDA allocator at this many GiB (78.5: an 80 GB GPU); CUDA only")
     parser.add_argument("--quick", action="store_true", help="CPU, tiny vs transformer-tiny, seq 128, 2 steps")
     parser.add_argument("--json", type=Path, help="write every result to this file")
     args = parser.parse_args(argv)
@@ -63,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():  # explicit flags win over --quick
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
+        parser.error(f"--memory-limit-gib {args.memory_limit_gib}: expected a size in GiB above 0")
     args.sizes = args.sizes.split(",")
     args.seqs = [int(s) for s in args.seqs.split(",")]
     return args
@@ -139,13 +150,29 @@ def measure(name: str, config: HopeConfig, seq: int, micro: int, args, device: t
     tokens_per_s = micro * seq / seconds
     flops = config.flops_per_token(seq)
     peak = device_peak_flops(device, None)
+    profile = None
+    if args.profile:  # after the timed steps, so the profiler's overhead is in none of them
+        us, kernels = kernel_breakdown(step, device)
+        profile = {"ms": us / 1e3, "gpu": device.type == "cuda", "kernels": [list(row) for row in kernels[:PROFILE_ROWS]]}
     return {"status": "ok", "params": n_params, "tokens_per_s": tokens_per_s, "ms_per_step": seconds * 1e3,
+            "profile": profile,
             "step_ms": [t * 1e3 for t in times], "flops_per_token": flops,
             "mfu": tokens_per_s * flops / peak if peak else None, "loss": loss.item(),
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             # CUDA graphs replay in memory their capture freed back to their pool: allocated, not reserved,
             # misses it, so whether a run fits the GPU is the reserved peak
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
+
+
+def limit_memory(gib: float | None, device: torch.device) -> float | None:
+    """Caps the CUDA allocator at `gib` (None: no cap, or not CUDA); returns the cap applied."""
+    if gib is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise SystemExit(f"--memory-limit-gib {gib}: expected at most this GPU's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    return gib
 
 
 def free_memory(device: torch.device) -> None:
@@ -179,9 +206,13 @@ def format_result(r: dict) -> str:
     notes = [n for n, on in (("layer checkpointing", r["checkpointing"]), ("compiled", r["compiled"])) if on]
     if r.get("memory_kernel"):
         notes.append(f"memory_kernel {r['memory_kernel']}")
-    return (f"  {r['model']:14s} {r['params'] / 1e6:8.1f}M params {r['tokens_per_s']:12,.0f} tokens/s "
+    line = (f"  {r['model']:14s} {r['params'] / 1e6:8.1f}M params {r['tokens_per_s']:12,.0f} tokens/s "
             f"{r['ms_per_step']:10.1f} ms/step  MFU {mfu:>6s}  peak mem {mem}  loss {r['loss']:.3f}"
             + (f"  ({', '.join(notes)})" if notes else ""))
+    if r.get("profile"):  # one step under the profiler: its own wall time, the profiler's overhead in it
+        line += "\n" + "\n".join(format_breakdown(r["profile"]["ms"] * 1e3, [tuple(k) for k in r["profile"]["kernels"]],
+                                                   on_cuda=r["profile"]["gpu"], top=12))
+    return line
 
 
 def pair_ratio(hope: dict, transformer: dict) -> tuple[float | None, str]:
@@ -206,14 +237,20 @@ def main(argv: list[str] | None = None) -> dict:
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-engine INFO lines would bury the results
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 memory math may use TF32 tensor cores
+    memory_limit = limit_memory(args.memory_limit_gib, device)
     init_world(device)  # a world of one: DeepSpeed's ZeRO optimizer needs a process group
     command = "python tools/bench_throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"device": device_name(device), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
               "dtype": "bf16" if use_cuda else "fp32", "zero_stage": 2, "optimizer": args.optimizer,
-              "steps": args.steps, "warmup": args.warmup, "results": [], "pairs": []}
+              "steps": args.steps, "warmup": args.warmup, "memory_limit_gib": memory_limit,
+              "results": [], "pairs": []}
     print(f"device: {report['device']} | torch {report['torch']} | deepspeed {report['deepspeed']} | "
           f"{report['dtype']} | ZeRO-2 | {args.optimizer} | {report['date']}")
+    if args.memory_limit_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if use_cuda else None
+        print(f"memory limit: PyTorch's allocator capped at {memory_limit:.1f} GiB of the GPU's {total:.1f}"
+              if use_cuda else "memory limit: --memory-limit-gib applies to CUDA only, ignored on CPU")
     print(f"command: {command}", flush=True)
     for size in args.sizes:
         configs = model_configs(size, args, device)
