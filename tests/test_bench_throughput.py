@@ -111,3 +111,13 @@ def test_memory_limit_must_be_a_positive_size(capsys):
         bench.parse_args(["--quick", "--memory-limit-gib", "0"])
     assert "--memory-limit-gib 0.0: expected a size in GiB above 0" in capsys.readouterr().err
     assert bench.limit_memory(78.5, torch.device("cpu")) is None
+
+
+def test_a_failed_profile_is_reported_under_the_figures():
+    bench = load_bench()
+    result = {"status": "ok", "model": "HOPE", "params": 2e6, "tokens_per_s": 100.0, "ms_per_step": 10.0,
+              "mfu": None, "peak_mem_gib": None, "loss": 7.5, "checkpointing": False, "compiled": False,
+              "profile": {"ms": 0.0, "gpu": True, "kernels": [], "error": "RuntimeError: CUPTI_ERROR"}}
+    lines = bench.format_result(result).splitlines()
+    assert "100 tokens/s" in lines[0] and lines[1] == "    profile failed: RuntimeError: CUPTI_ERROR"
+    assert len(bench.format_result({**result, "profile": None}).splitlines()) == 1
