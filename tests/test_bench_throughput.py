@@ -110,7 +110,7 @@ def test_memory_limit_must_be_a_positive_size(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--memory-limit-gib", "0"])
     assert "--memory-limit-gib 0.0: expected a size in GiB above 0" in capsys.readouterr().err
-    assert bench.limit_memory(78.5, torch.device("cpu")) is None
+    assert bench.limit_memory(78.5, torch.device("cpu"))[0] is None
 
 
 def test_a_failed_profile_is_reported_under_the_figures():

@@ -21,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
-from train.metrics import PEAK_BF16_FLOPS  # noqa: E402  (dense bf16 datasheet peaks, for MFU)
+from train.metrics import device_peak_flops  # noqa: E402  (dense bf16 datasheet peaks, for MFU)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,10 +34,7 @@ def device_name(device: torch.device) -> str:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return device_peak_flops(device, None) if dtype == torch.bfloat16 else None
 
 
 def sync(device: torch.device):

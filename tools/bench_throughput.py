@@ -169,15 +169,17 @@ def measure(name: str, config: HopeConfig, seq: int, micro: int, args, device: t
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
 
 
-def limit_memory(gib: float | None, device: torch.device) -> float | None:
-    """Caps the CUDA allocator at `gib` (None: no cap, or not CUDA); returns the cap applied."""
-    if gib is None or device.type != "cuda":
-        return None
+def limit_memory(gib: float | None, device: torch.device) -> tuple[float | None, str | None]:
+    """Caps the CUDA allocator at `gib`: (the cap applied or None, the line that says so or None)."""
+    if gib is None:
+        return None, None
+    if device.type != "cuda":
+        return None, "memory limit: --memory-limit-gib applies to CUDA only, ignored on CPU"
     total = torch.cuda.get_device_properties(device).total_memory
     if gib * 2**30 > total:
         raise SystemExit(f"--memory-limit-gib {gib}: expected at most this GPU's {total / 2**30:.1f} GiB")
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
-    return gib
+    return gib, f"memory limit: PyTorch's allocator capped at {gib:.1f} GiB of the GPU's {total / 2**30:.1f}"
 
 
 def free_memory(device: torch.device) -> None:
@@ -217,7 +219,7 @@ def format_result(r: dict) -> str:
     if (r.get("profile") or {}).get("error"):
         line += f"\n    profile failed: {r['profile']['error']}"
     elif r.get("profile"):  # one step under the profiler: its own wall time, the profiler's overhead in it
-        line += "\n" + "\n".join(format_breakdown(r["profile"]["ms"] * 1e3, [tuple(k) for k in r["profile"]["kernels"]],
+        line += "\n" + "\n".join(format_breakdown(r["profile"]["ms"] * 1e3, r["profile"]["kernels"],
                                                    on_cuda=r["profile"]["gpu"], top=12))
     return line
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-engine INFO lines would bury the results
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 memory math may use TF32 tensor cores
-    memory_limit = limit_memory(args.memory_limit_gib, device)
+    memory_limit, memory_limit_line = limit_memory(args.memory_limit_gib, device)
     init_world(device)  # a world of one: DeepSpeed's ZeRO optimizer needs a process group
     command = "python tools/bench_throughput.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"device": device_name(device), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
@@ -254,10 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
               "results": [], "pairs": []}
     print(f"device: {report['device']} | torch {report['torch']} | deepspeed {report['deepspeed']} | "
           f"{report['dtype']} | ZeRO-2 | {args.optimizer} | {report['date']}")
-    if args.memory_limit_gib is not None:
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if use_cuda else None
-        print(f"memory limit: PyTorch's allocator capped at {memory_limit:.1f} GiB of the GPU's {total:.1f}"
-              if use_cuda else "memory limit: --memory-limit-gib applies to CUDA only, ignored on CPU")
+    if memory_limit_line:
+        print(memory_limit_line)
     print(f"command: {command}", flush=True)
     for size in args.sizes:
         configs = model_configs(size, args, device)
