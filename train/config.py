@@ -252,6 +252,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if config.data.path == "default" and config.data.vocab_size > model.vocab_size:
         raise ConfigError(f"{source}: data.vocab_size: expected at most the model's vocab_size "
                           f"{model.vocab_size}, got {config.data.vocab_size}")
+    # RoPE works at any position, but the exported config's max_position_embeddings is what Hugging
+    # Face users (generate, their own length checks) take as the model's context
+    if config.data.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"{source}: data.seq_len: expected at most the model's max_position_embeddings "
+                          f"{model.max_position_embeddings} (raise it with --set "
+                          f"model.max_position_embeddings={config.data.seq_len}), got {config.data.seq_len}")
     return config
 
 
