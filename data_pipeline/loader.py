@@ -9,13 +9,20 @@ The state is {seed, epoch, samples_consumed, fingerprint}; samples_consumed coun
 positions, so it does not depend on the world size: a run resumed on another number of ranks
 with the same global batch size sees exactly the batches of an uninterrupted run.
 
+A mixture of datasets ({directory: weight}) interleaves them by a fixed pattern
+(data_pipeline/mixture.py): position p reads dataset s(p), which continues its own stream of
+per-epoch permutations, so the state is the same one integer.
+
 Background threads build the next `prefetch` batches while the trainer computes (numpy copies
 out of memory-mapped shards release the GIL, and remote shards are cached locally).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
+from data_pipeline.mixture import MixturePattern
 from data_pipeline.order import EpochPermutation
 from data_pipeline.packed import PackedSplit
 from data_pipeline.shards import SPLITS, read_manifest
@@ -30,24 +38,57 @@ from data_pipeline.shards import SPLITS, read_manifest
 STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")
 
 
-class TokenLoader:
-    """Yields this rank's [global_batch_size // world_size, seq_len + 1] slice of each global batch."""
+class _Dataset:
+    """One dataset's split: its samples and its stream, read k = sample perm(seed, k // N)(k % N)."""
 
-    def __init__(self, data_dir: str | Path, seq_len: int, global_batch_size: int, rank: int, world_size: int,
-                 seed: int, split: str = "train", num_workers: int = 1, prefetch: int = 4,
+    def __init__(self, location: str, split: str, width: int, seed: int, cache_dir):
+        self.location = location
+        fs, directory, self.manifest = read_manifest(location)
+        self.samples = PackedSplit(fs, directory, self.manifest, split, width, cache_dir)
+        self.num_samples: int = self.samples.num_samples
+        self.seed = seed
+        self._permutations: dict[int, EpochPermutation] = {}
+
+    def read(self, reads: np.ndarray) -> np.ndarray:
+        """The tokens [len(reads), width] of this dataset's reads number `reads` (its own stream)."""
+        epochs, within = np.divmod(reads, self.num_samples)
+        samples = np.empty_like(reads)
+        for epoch in np.unique(epochs).tolist():
+            chosen = epochs == epoch
+            samples[chosen] = self._permutation(epoch)(within[chosen])
+        return self.samples.read(samples)
+
+    def _permutation(self, epoch: int) -> EpochPermutation:
+        if epoch not in self._permutations:  # keep the previous epoch's too: a batch may span both
+            self._permutations = {epoch: EpochPermutation(self.num_samples, self.seed, epoch)} | {
+                e: p for e, p in self._permutations.items() if e >= epoch - 1}
+        return self._permutations[epoch]
+
+
+class TokenLoader:
+    """Yields this rank's [global_batch_size // world_size, seq_len + 1] slice of each global batch.
+
+    `data_dir` is a dataset directory (or its manifest.json), or a mixture {directory: weight} of
+    datasets made with one tokenizer."""
+
+    def __init__(self, data_dir: str | Path | Mapping[str, float], seq_len: int, global_batch_size: int, rank: int,
+                 world_size: int, seed: int, split: str = "train", num_workers: int = 1, prefetch: int = 4,
                  cache_dir: str | Path | None = None, expected_vocab_size: int | None = None):
         _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_workers, prefetch)
-        fs, directory, self.manifest = read_manifest(str(data_dir))
-        self.data_dir, self.split, self.seq_len, self.seed = str(data_dir), split, seq_len, seed
+        weights = {str(k): w for k, w in data_dir.items()} if isinstance(data_dir, Mapping) else {str(data_dir): 1}
+        self.pattern = MixturePattern(list(weights.values()))
+        self.datasets = [_Dataset(location, split, seq_len + 1, seed, cache_dir) for location in weights]
+        self.manifest = self.datasets[0].manifest
+        _check_same_tokenizer(self.datasets)
+        self.data_dir = ", ".join(weights)
+        self.split, self.seq_len, self.seed = split, seq_len, seed
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.local_batch_size = global_batch_size // world_size
         self.vocab_size: int = self.manifest.vocab_size
-        self.fingerprint: str = self.manifest.fingerprint
+        self.fingerprint: str = _fingerprint(self.datasets, self.pattern)
         if expected_vocab_size is not None:
             self.check_model_vocab(expected_vocab_size)
-        self._samples = PackedSplit(fs, directory, self.manifest, split, seq_len + 1, cache_dir)
-        self.num_samples: int = self._samples.num_samples
-        self._permutations: dict[int, EpochPermutation] = {}
+        self.num_samples: int = sum(d.num_samples for d in self.datasets)
         self._samples_consumed = 0  # global positions handed to the trainer
         self._prefetch = prefetch
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="hope-data") if num_workers else None
@@ -83,23 +124,24 @@ class TokenLoader:
         """This rank's slice of the global batch that begins at stream position `start`."""
         first = start + self.rank * self.local_batch_size
         positions = np.arange(first, first + self.local_batch_size, dtype=np.int64)
-        epochs, within = np.divmod(positions, self.num_samples)
-        samples = np.empty_like(positions)
-        for epoch in np.unique(epochs).tolist():
-            chosen = epochs == epoch
-            samples[chosen] = self._permutation(epoch)(within[chosen])
-        return self._samples.read(samples)
-
-    def _permutation(self, epoch: int) -> EpochPermutation:
-        if epoch not in self._permutations:
-            self._permutations = {epoch: EpochPermutation(self.num_samples, self.seed, epoch)} | {
-                e: p for e, p in self._permutations.items() if e >= epoch - 1}
-        return self._permutations[epoch]
+        which, reads = self.pattern.locate(positions)
+        batch = np.empty((len(positions), self.seq_len + 1), dtype=np.int64)
+        for s in np.unique(which).tolist():
+            chosen = which == s
+            batch[chosen] = self.datasets[s].read(reads[chosen])
+        return batch
 
     # ------------------------------------------------------------ state
     @property
+    def epochs(self) -> list[int]:
+        """Each dataset's epoch at the current position (how many times it has been read through)."""
+        reads = self.pattern.reads_before(self._samples_consumed)
+        return [int(r) // d.num_samples for r, d in zip(reads, self.datasets)]
+
+    @property
     def epoch(self) -> int:
-        return self._samples_consumed // self.num_samples
+        """The largest of `epochs`: > 0 once some data repeats."""
+        return max(self.epochs)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "samples_consumed": self._samples_consumed,
@@ -110,9 +152,10 @@ class TokenLoader:
         if missing:
             raise DataError(f"loader state: missing key {missing[0]!r} (expected keys {list(STATE_KEYS)})")
         if state["fingerprint"] != self.fingerprint and not allow_changed_manifest:
-            raise DataError(f"{self.data_dir}: the manifest changed since the checkpoint (fingerprint "
-                            f"{state['fingerprint']}, now {self.fingerprint}); resuming would not continue "
-                            "the same token stream. Pass allow_changed_manifest to accept it.")
+            raise DataError(f"{self.data_dir}: the manifest {'or the mixture ' if len(self.datasets) > 1 else ''}"
+                            f"changed since the checkpoint (fingerprint {state['fingerprint']}, now "
+                            f"{self.fingerprint}); resuming would not continue the same token stream. "
+                            "Pass allow_changed_manifest to accept it.")
         if state["seed"] != self.seed:
             raise DataError(f"loader state: seed {state['seed']} in the checkpoint, but this loader has seed "
                             f"{self.seed}; resume with the checkpoint's seed")
@@ -143,7 +186,8 @@ class TokenLoader:
 
     def close(self) -> None:
         self._drop_pending()
-        self._samples.close()
+        for dataset in self.datasets:
+            dataset.samples.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -153,6 +197,26 @@ class TokenLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _fingerprint(datasets: list[_Dataset], pattern: MixturePattern) -> str:
+    """The dataset's manifest fingerprint; a mixture's covers its datasets and their shares (other
+    weights are another stream)."""
+    if len(datasets) == 1:
+        return datasets[0].manifest.fingerprint
+    parts = [[d.manifest.fingerprint, int(n)] for d, n in zip(datasets, pattern.counts)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _check_same_tokenizer(datasets: list[_Dataset]) -> None:
+    """DataError unless every dataset of a mixture was tokenized alike (same ids for the same text)."""
+    first = datasets[0]
+    for other in datasets[1:]:
+        a, b = first.manifest.tokenizer, other.manifest.tokenizer
+        if (a.fingerprint, a.vocab_size, a.eos_id) != (b.fingerprint, b.vocab_size, b.eos_id):
+            raise DataError(f"{other.location}: tokenized with {b.path} (sha256 {b.fingerprint}, vocabulary "
+                            f"{b.vocab_size}), but {first.location} with {a.path} (sha256 {a.fingerprint}, "
+                            f"vocabulary {a.vocab_size}); a mixture's datasets need one tokenizer")
 
 
 def _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_workers, prefetch) -> None:

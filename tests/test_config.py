@@ -68,8 +68,8 @@ def test_set_overrides_any_field_and_nested_deepspeed_keys(tmp_path):
     ("train.warmup_steps=10", "train.warmup_steps: expected fewer than train.max_steps=10, got 10"),
     ("train.no_such_key=1", "train.no_such_key: unknown key"),
     ("data.seq_len=-4", "data.seq_len: expected a positive int, got -4"),
-    ("data.seq_len=2048", "data.seq_len: expected at most the model's max_position_embeddings 1024 "
-                          "(raise it with --set model.max_position_embeddings=2048), got 2048"),
+    ("data.seq_len=2048", ("data.seq_len: expected at most the model's max_position_embeddings 1024 "
+                           "(raise it with --set model.max_position_embeddings=2048), got 2048")),
     ("data.path=/no/such/shards", "data.path: expected 'default' or a directory of shards (made by hope-data), got '/no/such/shards'"),
     ("optimizer.name=sgd", "optimizer.name = 'sgd': expected one of adamw, muon, m3"),
     ("optimizer.matrix.ns_steps=x", "optimizer.matrix.ns_steps: expected an int, got 'x'"),
@@ -166,3 +166,20 @@ def test_cli_exit_keeps_the_status_the_output_and_the_exit_handlers():
               "print('unflushed', end=''); exit_without_teardown(3)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (3, "unflushed", "handler ran\n")
+
+
+def test_a_mixture_names_its_directories_and_positive_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    config = load_config(write(tmp_path, BASE), [f"data.mixture={{{a}: 0.9, {b}: 0.1}}"])
+    assert config.data.mixture == {str(a): 0.9, str(b): 0.1}
+    for mixture, path, expected in [
+        ({str(a): 1, str(b): 1}, str(a), "data.path: expected no data.path beside data.mixture"),
+        ({str(a): 1, str(tmp_path / "c"): 1}, "default", f"data.mixture: expected directories of shards (made by "
+                                                           f"hope-data), got '{tmp_path / 'c'}'"),
+        ({str(a): 1, str(b): "lots"}, "default", f"data.mixture['{b}']: expected a number, got 'lots'"),
+        ({str(a): 1, str(b): 1e-6}, "default", "data.mixture: mixture weight 1e-06 (dataset 1) is below 1/10000"),
+        ({str(a): 1, str(b): -1}, "default", "data.mixture: mixture weight -1.0: expected a positive number"),
+    ]:
+        data = {**BASE, "data": {"path": path, "mixture": mixture, "seq_len": 32}}
+        assert expected in refused(tmp_path, data)

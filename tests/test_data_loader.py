@@ -22,10 +22,12 @@ TRAIN_SHARDS = (1000, 37, 1, 555)  # 1593 tokens -> 199 samples, 1 token left ov
 VALID_SHARDS = (300,)
 
 
-def write_dataset(directory, train_sizes=TRAIN_SHARDS, valid_sizes=VALID_SHARDS, vocab=VOCAB):
+def write_dataset(directory, train_sizes=TRAIN_SHARDS, valid_sizes=VALID_SHARDS, vocab=VOCAB, first_id=0,
+                  tokenizer_sha="f" * 16):
+    """Token i of the train split has id first_id + i; the validation split's ids follow."""
     directory.mkdir(parents=True, exist_ok=True)
-    tok = TokenizerInfo("sentencepiece", "synthetic", "f" * 16, vocab, None, 0, None)
-    shards, next_id = [], 0
+    tok = TokenizerInfo("sentencepiece", "synthetic", tokenizer_sha, vocab, None, 0, None)
+    shards, next_id = [], first_id
     for split, sizes in (("train", train_sizes), ("validation", valid_sizes)):
         for k, size in enumerate(sizes):
             tokens = np.arange(next_id, next_id + size) % vocab

@@ -115,3 +115,6 @@ def test_metrics_line_has_the_issue_fields():
                         "mfu": 0.412, "peak_mem_gb": 12.3, "val_loss": 2.0, "val_ppl": math.exp(2.0)})
     assert line == ("step 7 | loss 2.5000 | grad 0.500 | lr 3.00e-04 | tok/s 12,346 | mfu 41.2% | "
                     "mem 12.30 GiB | val 2.0000 (ppl 7.4)")
+    repeating = format_line({"step": 8, "loss": 2.5, "lr": 3e-4, "tokens_per_s": 1.0, "peak_mem_gb": 1.0,
+                             "skipped_steps": 0, "data_epoch": 2})
+    assert repeating.endswith("| mem 1.00 GiB | data epoch 2")

@@ -272,3 +272,30 @@ def test_launcher_refuses_an_invalid_config_before_any_process_group(workdir):
     assert rc != 0
     assert f"{workdir / 'run.yaml'}: deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got 5" in output
     assert "Traceback" not in output and not run_dir.exists()
+
+
+def test_a_mixture_of_two_datasets_trains_and_its_tokenizer_exports(workdir, reference):
+    """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}."""
+    from data_pipeline import prepare_default_corpus
+    from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
+    from train.export import tokenizer_for_run
+
+    prepared = prepare_default_corpus(workdir / "data", vocab_size=512)
+    lines = (prepared.data_dir.parent / "corpus.jsonl").read_text().splitlines()[:300]
+    (workdir / "second.jsonl").write_text("\n".join(lines) + "\n")
+    second = workdir / "second"
+    tokenize_to_shards([str(workdir / "second.jsonl")], str(prepared.tokenizer_path), str(second),
+                       TokenizeSettings(validation_fraction=0.2, workers=0), progress=False)
+    run_dir = workdir / "mixture"
+    rc, output = run(workdir, run_dir, "data.path=default",
+                     f"data.mixture={{{prepared.data_dir}: 0.75, {second}: 0.25}}", nproc=1)
+    assert rc == 0, output[-3000:]
+    steps = records(run_dir)
+    assert sorted(steps) == list(range(1, MAX_STEPS + 1)) and steps[6]["val_loss"] is not None
+    assert all(math.isfinite(r["loss"]) for r in steps.values())
+    state = trainer_state(run_dir)["data_state"]
+    assert state["samples_consumed"] == MAX_STEPS * 8
+    assert state["fingerprint"] != trainer_state(reference[0])["data_state"]["fingerprint"]
+    run_config = yaml.safe_load((run_dir / "checkpoints" / latest(run_dir) / "config.yaml").read_text())
+    tokenizer, why = tokenizer_for_run(run_config, [REPO])
+    assert tokenizer is not None, why

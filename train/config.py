@@ -1,7 +1,7 @@
 """The run configuration: one YAML file with sections model, data, train, optimizer, deepspeed.
 
     model:      {config: NAME_OR_PATH, <any HopeConfig field>: override}
-    data:       DataConfig         where the tokens come from and the sequence length
+    data:       DataConfig         where the tokens come from (one dataset or a weighted mixture), sequence length
     train:      TrainConfig        steps, schedule, checkpoints, logging
     optimizer:  train.optim.OptimizerConfig (owned by the optimizer code; filled here)
     deepspeed:  DeepSpeed's own config dict, passed through (we check only what we rely on)
@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.errors import DataError
+from data_pipeline.mixture import MixturePattern
 from train.optim.config import OptimizerConfig, OptimizerConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +44,7 @@ class ModelSection:
 @dataclass
 class DataConfig:
     path: str = "default"  # a directory of shards (any fsspec path) or "default" (embedded corpus)
+    mixture: dict[str, float] = field(default_factory=dict)  # or {directory: weight}: datasets mixed by weight
     cache_dir: str = ".cache/hope-data"  # where `default` is prepared (once)
     vocab_size: int = 4096  # tokenizer size when preparing `default`
     seq_len: int = 64
@@ -133,7 +136,9 @@ def _convert(value: Any, tp, key: str, source: str):
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             fail()
-        return dict(value)
+        key_type, value_type = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, key_type, key, source): _convert(v, value_type, f"{key}[{k!r}]", source)
+                for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -249,7 +254,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     )
     validate(config)
     model = load_model_config(config.model, source)  # the model package validates its own fields
-    if config.data.path == "default" and config.data.vocab_size > model.vocab_size:
+    if config.data.path == "default" and not config.data.mixture and config.data.vocab_size > model.vocab_size:
         raise ConfigError(f"{source}: data.vocab_size: expected at most the model's vocab_size "
                           f"{model.vocab_size}, got {config.data.vocab_size}")
     # RoPE works at any position, but the exported config's max_position_embeddings is what Hugging
@@ -292,6 +297,16 @@ def validate(config: RunConfig) -> None:
         fail("train.hf_export_dtype", "one of bf16, fp32", t.hf_export_dtype)
     if d.path != "default" and "://" not in d.path and not Path(d.path).is_dir():
         fail("data.path", "'default' or a directory of shards (made by hope-data)", d.path)
+    if d.mixture:
+        if d.path != "default":
+            fail("data.path", "no data.path beside data.mixture (the mixture names every dataset)", d.path)
+        for path in d.mixture:
+            if "://" not in path and not Path(path).is_dir():
+                fail("data.mixture", "directories of shards (made by hope-data)", path)
+        try:
+            MixturePattern(list(d.mixture.values()))
+        except DataError as error:
+            raise ConfigError(f"{source}: data.mixture: {error}") from None
     if d.seq_len <= 0:
         fail("data.seq_len", "a positive int", d.seq_len)
     if d.vocab_size <= 0:

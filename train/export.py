@@ -122,11 +122,13 @@ def tokenizer_for_run(run_config: dict, search_roots: list[Path]):
     from .hf_tokenizer import hf_tokenizer
 
     data = run_config.get("data", {})
-    if data.get("path", "default") == "default":
+    # a mixture's datasets share one tokenizer (the loader refuses others): the first one's
+    path = next(iter(data["mixture"])) if data.get("mixture") else data.get("path", "default")
+    if path == "default":
         candidates = [corpus_root(data.get("cache_dir", ".cache/hope-data"), data.get("vocab_size", 4096),
                                   6_000_000) / "tokenizer.model"]
     else:
-        manifest = Path(data["path"]) / "manifest.json"
+        manifest = Path(path) / "manifest.json"
         if not manifest.is_file():
             return None, f"{manifest} not found"
         candidates = [Path(json.loads(manifest.read_text())["tokenizer"]["path"])]

@@ -53,6 +53,8 @@ def format_line(record: dict) -> str:
         parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']}")
+    if record.get("data_epoch"):  # from the first repeated sample on (a mixture: its most-read dataset)
+        parts.append(f"data epoch {record['data_epoch']}")
     return " | ".join(parts)
 
 

@@ -94,13 +94,13 @@ class Trainer:
         self.model_config = load_model_config(config.model, config.source)
 
         # Data: the embedded corpus is prepared once (rank 0 first, the others then find it ready).
-        data_dir = d.path
-        if d.path == "default":
+        data_dir = d.mixture or d.path  # {directory: weight} or one directory
+        if data_dir == "default":
             if self.world.is_main:
                 prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size)
             barrier(self.world)
             data_dir = prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size).data_dir
-        self.data_dir = str(data_dir)
+        self.data_dir = data_dir
         self.loader = self._open_loader("train", self.global_batch)
 
         # Model and engine. The seed makes every rank build the same initial weights.
@@ -295,7 +295,8 @@ class Trainer:
         return {"step": self.state.step, "loss": loss, "grad_norm": grad_norm,
                 "lr": self._lr(self.state.step - 1), "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "peak_mem_gb": peak_memory_gb(self.world.device), "tokens_seen": self.state.tokens_seen,
-                "skipped_steps": self.state.skipped_steps, "data_fingerprint": int(self.data_fingerprint)}
+                "skipped_steps": self.state.skipped_steps, "data_fingerprint": int(self.data_fingerprint),
+                "data_epoch": self.loader.epoch}
 
     def _log_main(self, text: str) -> None:
         if self.world.is_main:
