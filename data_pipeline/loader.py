@@ -154,8 +154,9 @@ class TokenLoader:
         if state["fingerprint"] != self.fingerprint and not allow_changed_manifest:
             raise DataError(f"{self.data_dir}: the manifest {'or the mixture ' if len(self.datasets) > 1 else ''}"
                             f"changed since the checkpoint (fingerprint {state['fingerprint']}, now "
-                            f"{self.fingerprint}); resuming would not continue the same token stream. "
-                            "Pass allow_changed_manifest to accept it.")
+                            f"{self.fingerprint}); resuming would not continue the same token stream. To "
+                            "continue at the same position pass allow_changed_manifest (hope-train: "
+                            "data.allow_changed_data: true).")
         if state["seed"] != self.seed:
             raise DataError(f"loader state: seed {state['seed']} in the checkpoint, but this loader has seed "
                             f"{self.seed}; resume with the checkpoint's seed")

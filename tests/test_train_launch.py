@@ -274,8 +274,9 @@ def test_launcher_refuses_an_invalid_config_before_any_process_group(workdir):
     assert "Traceback" not in output and not run_dir.exists()
 
 
-def test_a_mixture_of_two_datasets_trains_and_its_tokenizer_exports(workdir, reference):
-    """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}."""
+def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(workdir, reference):
+    """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}; the
+    run resumes on other weights only when the config allows changed data."""
     from data_pipeline import prepare_default_corpus
     from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
     from train.export import tokenizer_for_run
@@ -287,8 +288,10 @@ def test_a_mixture_of_two_datasets_trains_and_its_tokenizer_exports(workdir, ref
     tokenize_to_shards([str(workdir / "second.jsonl")], str(prepared.tokenizer_path), str(second),
                        TokenizeSettings(validation_fraction=0.2, workers=0), progress=False)
     run_dir = workdir / "mixture"
-    rc, output = run(workdir, run_dir, "data.path=default",
-                     f"data.mixture={{{prepared.data_dir}: 0.75, {second}: 0.25}}", nproc=1)
+    def mixture(share: float) -> str:
+        return f"data.mixture={{{prepared.data_dir}: {1 - share}, {second}: {share}}}"
+
+    rc, output = run(workdir, run_dir, "data.path=default", mixture(0.25), nproc=1)
     assert rc == 0, output[-3000:]
     steps = records(run_dir)
     assert sorted(steps) == list(range(1, MAX_STEPS + 1)) and steps[6]["val_loss"] is not None
@@ -299,3 +302,12 @@ def test_a_mixture_of_two_datasets_trains_and_its_tokenizer_exports(workdir, ref
     run_config = yaml.safe_load((run_dir / "checkpoints" / latest(run_dir) / "config.yaml").read_text())
     tokenizer, why = tokenizer_for_run(run_config, [REPO])
     assert tokenizer is not None, why
+
+    longer = ("data.path=default", mixture(0.5), f"train.max_steps={MAX_STEPS + 2}")
+    rc, output = run(workdir, run_dir, *longer, nproc=1)
+    assert rc == 2 and "the manifest or the mixture changed since the checkpoint" in output, output[-3000:]
+    assert "data.allow_changed_data: true" in output and "Traceback" not in output
+    rc, output = run(workdir, run_dir, *longer, "data.allow_changed_data=true", nproc=1)
+    assert rc == 0, output[-3000:]
+    assert "resumed from" in output and sorted(records(run_dir)) == list(range(1, MAX_STEPS + 3))
+    assert trainer_state(run_dir)["data_state"]["samples_consumed"] == (MAX_STEPS + 2) * 8

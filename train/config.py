@@ -48,6 +48,8 @@ class DataConfig:
     cache_dir: str = ".cache/hope-data"  # where `default` is prepared (once)
     vocab_size: int = 4096  # tokenizer size when preparing `default`
     seq_len: int = 64
+    # resume a checkpoint whose data differs (shards added, a new mixture): its position carries over
+    allow_changed_data: bool = False
 
 
 @dataclass

@@ -132,11 +132,12 @@ class Trainer:
         if tag is None:
             return
         state, rank_state = self.checkpoints.load(self.engine, tag)
+        allow = self.config.data.allow_changed_data
         if rank_state is not None:  # same world size: this rank's exact loader position and RNG
-            self.loader.load_state_dict(rank_state["data"])
+            self.loader.load_state_dict(rank_state["data"], allow_changed_manifest=allow)
             set_rng_state(rank_state["rng"])
         else:  # new world size: the global position (rank 0's state) carries over
-            self.loader.load_state_dict(state.data_state)
+            self.loader.load_state_dict(state.data_state, allow_changed_manifest=allow)
         state.world_size = self.world.size
         self.state = state
         self._log_main(f"resumed from {self.checkpoints.root / tag} at step {state.step}")
