@@ -107,21 +107,24 @@ def write_random_dataset(directory: Path, num_tokens: int, vocab: int = 32000, s
 def bench_loader(work: Path, num_tokens: int, seconds: float) -> None:
     from data_pipeline import TokenLoader
 
-    data = work / "random"
+    data, second = work / "random", work / "random-second"
     write_random_dataset(data, num_tokens)
-    for seq_len in (2048, 4096):
+    write_random_dataset(second, num_tokens // 4)
+    cases = [(seq_len, workers, "") for seq_len in (2048, 4096) for workers in (0, 1, 2)]
+    cases += [(4096, 1, "a mixture of two datasets (0.9 / 0.1)")]
+    for seq_len, workers, mixture in cases:
         needed = GPUS * H100_TOKENS_PER_S_1_3B / seq_len
-        for workers in (0, 1, 2):
-            # one rank of 8, 8 samples per micro batch: each call reads 8 random samples
-            with TokenLoader(data, seq_len, 64, rank=3, world_size=8, seed=0, num_workers=workers) as loader:
-                next(loader)
-                start, samples = time.perf_counter(), 0
-                while time.perf_counter() - start < seconds:
-                    samples += len(next(loader))
-                rate = samples / (time.perf_counter() - start)
-            print(f"loader seq {seq_len}, {workers} worker thread(s): {rate:,.0f} samples/s on one rank; "
-                  f"1.3B on {GPUS} H100s needs {needed:,.0f} samples/s in all, {needed / GPUS:,.1f} per rank: "
-                  f"{rate / (needed / GPUS):,.0f}x headroom")
+        source = {str(data): 0.9, str(second): 0.1} if mixture else data
+        # one rank of 8, 8 samples per micro batch: each call reads 8 random samples
+        with TokenLoader(source, seq_len, 64, rank=3, world_size=8, seed=0, num_workers=workers) as loader:
+            next(loader)
+            start, samples = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                samples += len(next(loader))
+            rate = samples / (time.perf_counter() - start)
+        print(f"loader seq {seq_len}, {workers} worker thread(s){', ' + mixture if mixture else ''}: {rate:,.0f} "
+              f"samples/s on one rank; 1.3B on {GPUS} H100s needs {needed:,.0f} samples/s in all, "
+              f"{needed / GPUS:,.1f} per rank: {rate / (needed / GPUS):,.0f}x headroom")
 
 
 def main() -> None:
