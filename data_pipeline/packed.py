@@ -39,8 +39,9 @@ class PackedSplit:
         self.num_tokens = sum(s.num_tokens for s in self.shards)
         self.num_samples = self.num_tokens // width
         if self.num_samples == 0:
+            hint = " (`hope-data tokenize --validation-fraction` sets its share)" if split == "validation" else ""
             raise DataError(f"{join(directory, 'manifest.json')}: split {split!r} has {self.num_tokens} tokens, "
-                            f"fewer than one sample of seq_len + 1 = {width}")
+                            f"fewer than one sample of seq_len + 1 = {width}{hint}")
         self._starts = np.cumsum([0] + [s.num_tokens for s in self.shards]).tolist()
         self._dtype = token_dtype(manifest.vocab_size)
         self._cache = Path(cache_dir or DEFAULT_CACHE) / manifest.fingerprint

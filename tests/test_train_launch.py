@@ -303,6 +303,13 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     tokenizer, why = tokenizer_for_run(run_config, [REPO])
     assert tokenizer is not None, why
 
+    no_validation = workdir / "no-validation"  # refused before the first step, not at the first evaluation
+    tokenize_to_shards([str(workdir / "second.jsonl")], str(prepared.tokenizer_path), str(no_validation),
+                       TokenizeSettings(validation_fraction=0.0, workers=0), progress=False)
+    rc, output = run(workdir, workdir / "no-validation-run", f"data.path={no_validation}", nproc=1)
+    assert rc == 2 and f"{no_validation / 'manifest.json'}: split 'validation' has 0 tokens" in output, output[-3000:]
+    assert not records(workdir / "no-validation-run")
+
     longer = ("data.path=default", mixture(0.5), f"train.max_steps={MAX_STEPS + 2}")
     rc, output = run(workdir, run_dir, *longer, nproc=1)
     assert rc == 2 and "the manifest or the mixture changed since the checkpoint" in output, output[-3000:]

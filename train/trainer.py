@@ -102,6 +102,8 @@ class Trainer:
             data_dir = prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size).data_dir
         self.data_dir = data_dir
         self.loader = self._open_loader("train", self.global_batch)
+        # opened now, so that a dataset without a validation split stops the run before its first step
+        self.val_loader = self._open_loader("validation", self.micro * self.world.size)
 
         # Model and engine. The seed makes every rank build the same initial weights.
         torch.manual_seed(t.seed)
@@ -195,13 +197,12 @@ class Trainer:
     def validate(self) -> float:
         """Mean loss over eval_batches validation batches (the same batches every time)."""
         t = self.config.train
-        loader = self._open_loader("validation", self.micro * self.world.size)
+        self.val_loader.reset()
         self.engine.eval()
         total = 0.0
         for _ in range(t.eval_batches):
-            batch = next(loader).to(self.world.device)
+            batch = next(self.val_loader).to(self.world.device)
             total += self.engine(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss.item()
-        loader.close()
         self.engine.train()
         return all_reduce_sum([total], self.world)[0] / (self.world.size * t.eval_batches)
 
@@ -278,6 +279,7 @@ class Trainer:
                     bar.close()
                 sink.close()
             self.loader.close()
+            self.val_loader.close()
         for export in self.hf_exports:  # let the Hugging Face exports finish before exiting
             export.wait()
         barrier(self.world)
