@@ -24,23 +24,30 @@ from data_pipeline.errors import DataError
 PERIOD = 10_000  # weights are kept to 1 part in 10,000
 
 
+def slot_counts(weights: Sequence[float], period: int = PERIOD) -> np.ndarray:
+    """Each dataset's slots in a pattern of `period` (largest remainder); DataError naming a weight
+    that is not a positive number or too small to hold one slot (the config check calls this)."""
+    for w in weights:
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+            raise DataError(f"mixture weight {w!r}: expected a positive number")
+    if not weights:
+        raise DataError("a mixture needs at least one dataset")
+    shares = np.asarray(weights, dtype=np.float64) / sum(weights) * period
+    counts = np.floor(shares).astype(np.int64)
+    by_remainder = np.argsort(-(shares - counts), kind="stable")  # largest remainders get the rest
+    counts[by_remainder[:period - counts.sum()]] += 1
+    if (counts == 0).any():
+        s = int(np.flatnonzero(counts == 0)[0])
+        raise DataError(f"mixture weight {weights[s]!r} (dataset {s}) is below 1/{period} of the total: "
+                        f"the mixture keeps weights to 1 part in {period}")
+    return counts
+
+
 class MixturePattern:
     """Where each stream position reads: (dataset, its read index in that dataset)."""
 
     def __init__(self, weights: Sequence[float], period: int = PERIOD):
-        for w in weights:
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
-                raise DataError(f"mixture weight {w!r}: expected a positive number")
-        if not weights:
-            raise DataError("a mixture needs at least one dataset")
-        shares = np.asarray(weights, dtype=np.float64) / sum(weights) * period
-        counts = np.floor(shares).astype(np.int64)
-        by_remainder = np.argsort(-(shares - counts), kind="stable")  # largest remainders get the rest
-        counts[by_remainder[:period - counts.sum()]] += 1
-        if (counts == 0).any():
-            s = int(np.flatnonzero(counts == 0)[0])
-            raise DataError(f"mixture weight {weights[s]!r} (dataset {s}) is below 1/{period} of the total: "
-                            f"the mixture keeps weights to 1 part in {period}")
+        counts = slot_counts(weights, period)
         self.period, self.counts = period, counts
         # slot t goes to the dataset furthest behind its share of slots 0..t (ties: the lower index);
         # after the period every dataset has exactly its n_s

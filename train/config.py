@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.errors import DataError
-from data_pipeline.mixture import MixturePattern
+from data_pipeline.mixture import slot_counts
 from train.optim.config import OptimizerConfig, OptimizerConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -297,16 +297,19 @@ def validate(config: RunConfig) -> None:
         fail("train.hf_export_every", f"0 or a multiple of train.checkpoint_every={t.checkpoint_every}", t.hf_export_every)
     if t.hf_export_dtype not in ("bf16", "fp32"):
         fail("train.hf_export_dtype", "one of bf16, fp32", t.hf_export_dtype)
-    if d.path != "default" and "://" not in d.path and not Path(d.path).is_dir():
+    def missing(path: str) -> bool:  # a local dataset directory that is not there (URLs are checked on open)
+        return "://" not in path and not Path(path).is_dir()
+
+    if d.path != "default" and missing(d.path):
         fail("data.path", "'default' or a directory of shards (made by hope-data)", d.path)
     if d.mixture:
         if d.path != "default":
             fail("data.path", "no data.path beside data.mixture (the mixture names every dataset)", d.path)
         for path in d.mixture:
-            if "://" not in path and not Path(path).is_dir():
+            if missing(path):
                 fail("data.mixture", "directories of shards (made by hope-data)", path)
         try:
-            MixturePattern(list(d.mixture.values()))
+            slot_counts(list(d.mixture.values()))
         except DataError as error:
             raise ConfigError(f"{source}: data.mixture: {error}") from None
     if d.seq_len <= 0:
