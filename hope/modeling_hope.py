@@ -24,6 +24,11 @@ from .layers import CausalSelfAttention, CausalDepthwiseConv, RMSNorm, SwiGLU
 from .titans import SelfModifyingTitans
 
 
+# transformers 5.2x renamed the decoding state `past_key_values` to `cache` (generate()'s keyword and the
+# output classes' field): both names are taken, and the output uses the installed version's.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 class HopeCache:
     """Decoding state: one dict per layer (fast-weight memories and conv tails, or keys/values).
 
@@ -152,14 +157,15 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         return False  # generate() must not build a DynamicCache: forward() makes a HopeCache
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: HopeCache | None = None,
-                                      use_cache: bool | None = True, **kwargs) -> dict:
+                                      use_cache: bool | None = True, cache: HopeCache | None = None, **kwargs) -> dict:
         """Feed only the tokens the cache has not seen (the whole prompt first, then one token).
 
         The attention mask is not used: batches must be unpadded (or right-aligned prompts of equal length).
         """
-        if past_key_values is not None and past_key_values.seen_tokens:
-            input_ids = input_ids[:, past_key_values.seen_tokens:]
-        return {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values, "use_cache": use_cache}
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and cache.seen_tokens:
+            input_ids = input_ids[:, cache.seen_tokens:]
+        return {"input_ids": input_ids.contiguous(), "cache": cache, "use_cache": use_cache}
 
     def forward(
         self,
@@ -167,6 +173,7 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         past_key_values: HopeCache | None = None,
         use_cache: bool | None = None,
+        cache: HopeCache | None = None,
         shift_labels: bool = True,
         logits_to_keep: int = 0,
         attention_mask: torch.Tensor | None = None,
@@ -176,9 +183,10 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         """Causal LM forward. `labels` follow the Hugging Face convention (aligned with input_ids,
         shifted here) unless shift_labels=False, in which case labels[t] is the target of
         position t (the trainer passes inputs s[:, :-1] and targets s[:, 1:])."""
-        if use_cache and past_key_values is None:
-            past_key_values = HopeCache(self.config.num_layers)
-        hidden = self.model(input_ids, past_key_values if use_cache or past_key_values is not None else None)
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = HopeCache(self.config.num_layers)
+        hidden = self.model(input_ids, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -189,4 +197,4 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
             else:
                 logits_for_loss, targets = logits, labels
             loss = F.cross_entropy(logits_for_loss.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})

@@ -240,8 +240,10 @@ def test_generate_with_cache_equals_without(mixer):
     torch.manual_seed(0)
     model = HopeForCausalLM(tiny_config(mixer)).eval()
     ids = torch.randint(4, 320, (2, 9))
+    fed, body = [], model.model.forward  # the tokens each forward gets: the prompt, then one at a time
+    model.model.forward = lambda input_ids, cache=None: fed.append(input_ids.shape[1]) or body(input_ids, cache)
     greedy = model.generate(ids, max_new_tokens=7, do_sample=False)
-    assert greedy.shape == (2, 16)
+    assert greedy.shape == (2, 16) and fed == [9] + [1] * 6, fed
     assert torch.equal(greedy, model.generate(ids, max_new_tokens=7, do_sample=False, use_cache=False))
     beams = model.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False)
     assert torch.equal(beams, model.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, use_cache=False))
