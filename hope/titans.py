@@ -203,20 +203,36 @@ class SelfModifyingTitans(nn.Module):
         # The memory math runs in fp32 under bf16/fp16 weights: fast-weight states accumulate
         # over the whole sequence and feed themselves (self-generated targets).
         dtype = self._memory_dtype(x)
-        kernel = self._kernel(x)
-        z = {n: t.to(dtype) for n, t in self._inputs(x, conv_state).items()}
+        z = self._inputs(x, conv_state)
+        # The adaptive memories' inputs as one [B, X, H, T, d] tensor (under compile, one kernel
+        # writes it from the projections), the static projections' apart.
+        stacked = torch.stack([z.pop(n) for n in self.adaptive], dim=1).to(dtype) if self.adaptive else None
+        static = {n: t.to(dtype) for n, t in z.items()}
         mu_log = F.logsigmoid(self.momentum_proj(x).to(dtype) + self.momentum_bias).transpose(1, 2) if cfg.inner_momentum else None  # [B, H, T]
+        o = self._memories(stacked, static, mu_log, self._kernel(x), cache, conv_state)
+        return self._output(o.to(x.dtype), x)
 
+    # Under torch.compile (train.compile) the dense work around it fuses; the memories' chunk loops
+    # stay out of the graph: their kernels are fused already, and traced they would unroll T / C chunks.
+    @torch.compiler.disable
+    def _memories(self, stacked: torch.Tensor | None, static: dict, mu_log, kernel: str, cache: dict | None,
+                  conv_state: dict | None) -> torch.Tensor:
+        """Both passes over the projection inputs (fp32 under bf16 weights: `stacked` [B, X, H, T, d]
+        of the adaptive memories, `static` {name: [B, H, T, d]} of the others): the main memory's
+        read-out o [B, T, H, d]. With `cache`, the decoding state is written into it."""
+        cfg = self.config
+        z = {**static, **dict(zip(self.adaptive, stacked.unbind(1)))} if self.adaptive else static
+        B, _, T, _ = z["k"].shape
+        dtype = z["k"].dtype
         Cp, Cm = cfg.projection_chunk_size, cfg.chunk_size
         # All five projection memories adaptive (HOPE's configs): a fused op per projection chunk,
         # or, when both passes chunk alike, one op for both passes (hope/memory_pass.py).
         fused = kernel != "reference" and self.adaptive == list(PROJECTION_MEMORIES)
         if fused and cache is None and Cp == Cm and T % Cm == 0 and padded_length(Cm, kernel) == Cm:
             six = self._initial_state(self.adaptive + ["memory"], B, dtype)
-            graphs = self.cuda_graphs if x.is_cuda and torch.is_grad_enabled() else None
-            o = memory_pass(torch.stack([z[n] for n in self.adaptive], dim=1), six.W1, six.W2,
-                            self._readout_table(dtype), ReadSpec.of(self.config), kernel, Cm, graphs)
-            return self._output(o.to(x.dtype), x)
+            graphs = self.cuda_graphs if stacked.is_cuda and torch.is_grad_enabled() else None
+            return memory_pass(stacked, six.W1, six.W2, self._readout_table(dtype), ReadSpec.of(self.config),
+                               kernel, Cm, graphs)
 
         # Pass 1: the projection memories, chunk by chunk: k, v, q, eta, log alpha of each chunk.
         # Inputs are split into chunks once, up front: split's backward is one concatenation, where
@@ -227,13 +243,13 @@ class SelfModifyingTitans(nn.Module):
             k, v, q, eta, log_alpha = self._readouts(z)
         else:
             per_chunk = []
-            stacked = torch.stack([z[n] for n in self.adaptive], dim=1).split(Cp, dim=3)
+            chunks_in = stacked.split(Cp, dim=3)
             if fused:
                 readout, spec = self._readout_table(dtype), ReadSpec.of(self.config)
             else:  # the static projections' chunks, for the read-outs of memories that are not adaptive
                 z_chunks = {name: z[name].split(Cp, dim=2) for name in PROJECTION_MEMORIES}
                 mu_chunks = None if mu_log is None else mu_log.split(Cp, dim=-1)
-            for i, zc in enumerate(stacked):
+            for i, zc in enumerate(chunks_in):
                 proj_start = proj_state
                 if fused:
                     W1, W2, *five = projection_step(zc, proj_state.W1, proj_state.W2, readout, spec, kernel)
@@ -266,7 +282,6 @@ class SelfModifyingTitans(nn.Module):
             o = _TokenMajor.apply(torch.stack(chunks))
         else:
             o = torch.cat(chunks, dim=2).transpose(1, 2)
-        o = o.to(x.dtype)
 
         if cache is not None:  # hand the decoding state over: chunk-start and current states
             cache.update(conv=conv_state, main=(main_start, state, main_pos % Cm),
@@ -275,7 +290,7 @@ class SelfModifyingTitans(nn.Module):
                 cache["main"] = (state, state, 0)
             if self.adaptive and proj_pos % Cp == 0:
                 cache["proj"] = (proj_state, proj_state, 0)
-        return self._output(o, x)
+        return o
 
     # ------------------------------------------------------------------ decoding
     def _forward_recurrent(self, x: torch.Tensor, cache: dict) -> torch.Tensor:

@@ -87,6 +87,20 @@ def test_bad_values_name_file_key_and_expectation(tmp_path, override, expected):
     assert "\n" not in message
 
 
+def test_compile_is_refused_under_zero3(tmp_path):
+    message = refused(tmp_path, BASE, "train.compile=true", "deepspeed.zero_optimization.stage=3")
+    assert "train.compile: expected false under deepspeed.zero_optimization.stage=3" in message, message
+
+
+def test_compile_blocks_needs_a_model_that_names_its_blocks():
+    import torch
+
+    from train.compile import compile_blocks
+
+    with pytest.raises(ValueError, match="Linear names no blocks to compile"):
+        compile_blocks(torch.nn.Linear(2, 2))
+
+
 def test_unknown_section_and_bad_yaml(tmp_path):
     assert "optimiser: unknown section" in refused(tmp_path, {**BASE, "optimiser": {}})
     path = tmp_path / "broken.yaml"

@@ -439,6 +439,30 @@ def test_cuda_graphs_replay_the_memory_pass(checkpointing):
     assert len({graph["forward"].pool() for graph in captured}) == len(captured)
 
 
+@gpu
+@needs_cuda
+@needs_triton
+def test_blocks_under_torch_compile_around_the_graphed_triton_memory_pass():
+    """train.compile: every block compiled, its memory pass (Triton, CUDA graphs) left out of the
+    graph; the same loss and gradients as the eager model, step after step."""
+    from train.compile import compile_blocks
+
+    fields = dict(hidden_size=128, num_heads=2, num_layers=2, chunk_size=64, projection_chunk_size=64,
+                  memory_cuda_graphs=True)
+    eager = small_hope("triton", **fields).cuda().train()
+    compiled = small_hope("triton", **fields).cuda().train()
+    assert compile_blocks(compiled) == 2
+    for step in range(3):
+        ids = torch.randint(0, 97, (2, 256), generator=torch.Generator().manual_seed(step)).cuda()
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+        loss, grads = loss_and_grads(eager, ids)
+        compiled_loss, compiled_grads = loss_and_grads(compiled, ids)
+        assert abs(compiled_loss - loss) < 1e-5, step
+        for name, g in grads.items():
+            assert (compiled_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-9, (step, name)
+
+
 @needs_triton
 @pytest.mark.slow
 def test_triton_kernels_fit_the_h100_shared_memory():

@@ -274,6 +274,18 @@ def test_launcher_refuses_an_invalid_config_before_any_process_group(workdir):
     assert "Traceback" not in output and not run_dir.exists()
 
 
+def test_compiled_blocks_train_as_the_eager_model_does(workdir, reference):
+    """train.compile under ZeRO-2, one process: every step's loss as the eager 2-rank reference's
+    (validation too, on its own batches: one rank validates on fewer sequences)."""
+    run_dir = workdir / "compiled"
+    rc, output = run(workdir, run_dir, "train.compile=true", "deepspeed.zero_optimization.stage=2", nproc=1)
+    assert rc == 0, output[-3000:]
+    assert "compiling 2 blocks" in output
+    steps = records(run_dir)
+    assert_same_steps(steps, reference[1], RESHARD_TOLERANCE)
+    assert all(math.isfinite(steps[step]["val_loss"]) for step in (3, 6))
+
+
 def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(workdir, reference):
     """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}; the
     run resumes on other weights only when the config allows changed data."""

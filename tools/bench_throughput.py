@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project, and bench_model when imported by a test
 from bench_model import device_name, format_breakdown, kernel_breakdown, parse_overrides, sync  # noqa: E402
 from hope import HopeConfig, HopeForCausalLM  # noqa: E402
+from train.compile import compile_blocks  # noqa: E402
 from train.distributed import init_world  # noqa: E402
 from train.metrics import device_peak_flops  # noqa: E402
 
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="per-layer activation checkpointing; auto: HOPE on CUDA only, never Transformer++")
     parser.add_argument("--optimizer", choices=("fused-adamw", "adamw", "muon", "m3"), default="fused-adamw",
                         help="fused-adamw: torch.optim.AdamW(fused=True); others: train.optim as hope-train uses it")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the Transformer++ (engine.compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every block of both models, as train.compile does (train/compile.py)")
     parser.add_argument("--profile", action="store_true", help="one more step of each model under torch.profiler")
     parser.add_argument("--memory-limit-gib", type=float,
                         help="cap PyTorch's CUDA allocator at this many GiB (78.5: an 80 GB GPU); CUDA only")
@@ -120,6 +122,8 @@ def measure(name: str, config: HopeConfig, seq: int, micro: int, args, device: t
     ids = torch.randint(0, config.vocab_size, (micro, seq + 1), device=device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     model = HopeForCausalLM(config)
+    if args.compile:  # the warmup steps compile (HOPE's memory loops stay eager: train/compile.py)
+        compile_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
     ds = ds_config(micro, device)
     optimizer = client_optimizer(model, args.optimizer, ds, micro * seq)
@@ -128,8 +132,6 @@ def measure(name: str, config: HopeConfig, seq: int, micro: int, args, device: t
         from train.optim import attach_engine
 
         attach_engine(engine)
-    if args.compile and name == "Transformer++":
-        engine.compile()
 
     def step() -> torch.Tensor:
         loss = engine(inputs, labels=targets, shift_labels=False).loss
@@ -191,7 +193,7 @@ def free_memory(device: torch.device) -> None:
 
 def run_model(name: str, config: HopeConfig, size: str, seq: int, micro: int, args, device: torch.device) -> dict:
     result = {"model": name, "size": size, "seq": seq, "micro_batch": micro,
-              "checkpointing": config.gradient_checkpointing_layers, "compiled": args.compile and name != "HOPE",
+              "checkpointing": config.gradient_checkpointing_layers, "compiled": args.compile,
               # how HOPE's chunk update ran (docs/DESIGN_CHOICES.md #17)
               "memory_kernel": config.resolved_memory_kernel(device.type == "cuda", training=True)
               if config.mixer == "titans" else None}

@@ -21,10 +21,14 @@
 #             80 GB H100 (this machine has 141 GB), and the ratio; run again with layer checkpointing
 #             if HOPE ran out of memory without it
 #   340M-4K   340M at 2 x 4096; 1.3B-2K: 1.3B at 2 x 2048 (the same tokens per step as above)
+#   340M-2K-compiled  340M-2K again with every block of both models under torch.compile (--compile,
+#             as train.compile): HOPE's dense work fused around its memory loops, against the
+#             compiled Transformer++ (the 159K tokens/s row)
 #   memory-pass  one layer's memory pass per precision and with the state kernel at 8 warps, each
 #             eager Triton row profiled (bench_chunk --pass): what to work on next
 # Everything lands in $OUT (8 files at most come back): summary.txt (the device, then each part's exit
-# status and the tail of its log), a log per part, and results.json (every bench_throughput report).
+# status and the tail of its log), a log per part (340M-2K-compiled in 340M-2K.log), and results.json
+# (every bench_throughput report).
 #
 # The image's Triton is 3.6 (this machine's venv: 3.9): `triton_resources.py` under a Triton 3.6
 # venv compiles every kernel for sm_90 too (docs/PERFORMANCE.md). The image has torch, triton and
@@ -59,8 +63,9 @@ collect_results() {  # every bench_throughput report, in one file
 trap collect_results EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 
-part() {  # part NAME SECONDS COMMAND...: at most SECONDS, and never past the call's DEADLINE
-    local name=$1 limit=$(( $2 < DEADLINE - SECONDS ? $2 : DEADLINE - SECONDS ))
+part() {  # part NAME SECONDS COMMAND...: at most SECONDS, and never past the call's DEADLINE; its log
+    # $OUT/NAME.log, or $OUT/$LOG.log when LOG is set (8 files at most come back from $OUT)
+    local name=$1 log="$OUT/${LOG:-$1}.log" limit=$(( $2 < DEADLINE - SECONDS ? $2 : DEADLINE - SECONDS ))
     shift 2
     if [ "$limit" -lt 30 ]; then
         echo "== $name: skipped, $limit s left of the call's time" | tee -a "$OUT/summary.txt"
@@ -68,9 +73,9 @@ part() {  # part NAME SECONDS COMMAND...: at most SECONDS, and never past the ca
     fi
     echo "== $name, at most $limit s ($*)" | tee -a "$OUT/summary.txt"
     local start=$SECONDS
-    timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >> "$log" 2>&1
     echo "   exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
-    tail -n 40 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+    tail -n 40 "$log" | tee -a "$OUT/summary.txt"
 }
 
 GRAPHS=true
@@ -101,5 +106,6 @@ if grep -Eqs '^ +HOPE +OOM' "$OUT/1.3B-4K.log"; then  # the fit is what counts h
 fi
 part 340M-4K 70 $(bench 340M 4096 2 --checkpoint-layers off)
 part 1.3B-2K 70 $(bench 1.3B 2048 2 --checkpoint-layers off)
+LOG=340M-2K part 340M-2K-compiled 100 $(bench 340M 2048 4 --checkpoint-layers off --compile)
 part memory-pass 90 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions bf16,tf32 --reps 5 \
     --warps chunk_bwd_state_kernel=8

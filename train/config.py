@@ -72,6 +72,7 @@ class TrainConfig:
     wandb_project: str = "hope-train"
     wandb_name: str | None = None
     peak_tflops: float | None = None  # device peak for MFU; None = known GPUs' dense bf16 peak
+    compile: bool = False  # torch.compile every block of the model (train/compile.py); the first step compiles
     hf_export_every: int = 0  # RUN_DIR/hf/step-N every N steps (a multiple of checkpoint_every) and at the end; 0 = never
     hf_export_dtype: str = "bf16"  # bf16 | fp32
     hf_push_to_hub: str | None = None  # ORG/NAME: each periodic export also goes to its branch step-N
@@ -321,6 +322,9 @@ def validate(config: RunConfig) -> None:
     except OptimizerConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     validate_deepspeed(ds, source)
+    if t.compile and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        # ZeRO-3's parameter hooks run inside every block: traced, they recompile for each layer
+        fail("train.compile", "false under deepspeed.zero_optimization.stage=3 (compile runs with ZeRO 0-2)", t.compile)
 
 
 def _positive_int(value: Any) -> bool:

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from .checkpoint import CheckpointManager, TrainerState, rng_state, set_rng_state
+from .compile import compile_blocks
 from .config import RunConfig, load_model_config, resolve_batch
 from .distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from .export import export_during_training
@@ -110,6 +111,8 @@ class Trainer:
         from hope import HopeForCausalLM
 
         model = HopeForCausalLM(self.model_config)
+        if t.compile:
+            self._log_main(f"compiling {compile_blocks(model)} blocks (at the first step, and again for validation)")
         optimizer = build_optimizer(model, config.optimizer, self.ds_config, self.tokens_per_step)
         guard_optimizer_step(optimizer)
         self.base_optimizer = optimizer
