@@ -74,3 +74,19 @@ class MixturePattern:
         """How many of the positions [0, position) each dataset serves."""
         repeat, slot = divmod(position, self.period)
         return repeat * self.counts + np.bincount(self.dataset[:slot], minlength=len(self.counts))
+
+
+def dataset_labels(locations: Sequence[str]) -> list[str]:
+    """Short names of a mixture's datasets for metrics (`val_loss/NAME`): each directory's last path
+    part, and where two would be the same, as many parts before it as it takes to tell them apart."""
+    parts = [[part for part in str(location).split("/") if part] for location in locations]
+    depth = [1] * len(parts)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not clashing:
+            return labels
+        if any(depth[i] >= len(parts[i]) for i in clashing):  # one directory spelled two ways ('/a/x', '/a/x/')
+            return [str(location) for location in locations]
+        for i in clashing:
+            depth[i] += 1

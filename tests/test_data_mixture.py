@@ -115,3 +115,11 @@ def test_validation_mixes_the_validation_splits_alike(mixture):
     from_small = rows[:, 0] >= SECOND
     assert from_small.sum() == 8  # a quarter
     assert (rows[~from_small, 0] >= sum(BIG)).all() and (rows[from_small, 0] >= SECOND + sum(SMALL)).all()
+
+
+def test_dataset_labels_are_the_shortest_path_ends_that_tell_datasets_apart():
+    from data_pipeline.mixture import dataset_labels
+
+    assert dataset_labels(["/data/fineweb-edu", "/data/long-docs/"]) == ["fineweb-edu", "long-docs"]
+    assert dataset_labels(["/a/v1/web", "/b/v1/web", "s3://bucket/code"]) == ["a/v1/web", "b/v1/web", "code"]
+    assert dataset_labels(["/a/x", "/a/x/"]) == ["/a/x", "/a/x/"]  # one directory spelled two ways

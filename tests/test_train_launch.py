@@ -308,6 +308,10 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     steps = records(run_dir)
     assert sorted(steps) == list(range(1, MAX_STEPS + 1)) and steps[6]["val_loss"] is not None
     assert all(math.isfinite(r["loss"]) for r in steps.values())
+    # each dataset validated on its own; val_loss is their mean under the mixture's weights
+    first, second_loss = steps[6][f"val_loss/{prepared.data_dir.name}"], steps[6]["val_loss/second"]
+    assert first != second_loss and abs(steps[6]["val_loss"] - (0.75 * first + 0.25 * second_loss)) < 1e-9
+    assert f"{prepared.data_dir.name} {first:.4f}, second {second_loss:.4f})" in output
     state = trainer_state(run_dir)["data_state"]
     assert state["samples_consumed"] == MAX_STEPS * 8
     assert state["fingerprint"] != trainer_state(reference[0])["data_state"]["fingerprint"]

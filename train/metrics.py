@@ -50,7 +50,9 @@ def format_line(record: dict) -> str:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     parts.append(f"mem {record['peak_mem_gb']:.2f} GiB")
     if record.get("val_loss") is not None:
-        parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
+        each = [f"{key[len('val_loss/'):]} {value:.4f}" for key, value in record.items()
+                if key.startswith("val_loss/") and value is not None]  # a mixture's datasets
+        parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}{'; ' if each else ''}{', '.join(each)})")
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']}")
     if record.get("data_epoch"):  # from the first repeated sample on (a mixture: its most-read dataset)

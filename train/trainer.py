@@ -101,10 +101,9 @@ class Trainer:
                 prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size)
             barrier(self.world)
             data_dir = prepare_default_corpus(d.cache_dir, vocab_size=d.vocab_size).data_dir
-        self.data_dir = data_dir
-        self.loader = self._open_loader("train", self.global_batch)
+        self.loader = self._open_loader("train", self.global_batch, data_dir)
         # opened now, so that a dataset without a validation split stops the run before its first step
-        self.val_loader = self._open_loader("validation", self.micro * self.world.size)
+        self.val_loaders = self._open_validation(data_dir)
 
         # Model and engine. The seed makes every rank build the same initial weights.
         torch.manual_seed(t.seed)
@@ -124,11 +123,23 @@ class Trainer:
         self.flops_per_token = self.model_config.flops_per_token(d.seq_len)
         self.peak_flops = device_peak_flops(self.world.device, t.peak_tflops)
 
-    def _open_loader(self, split: str, global_batch: int):
+    def _open_loader(self, split: str, global_batch: int, data_dir):
         from data_pipeline import TokenLoader
 
-        return TokenLoader(self.data_dir, self.config.data.seq_len, global_batch, self.world.rank, self.world.size,
+        return TokenLoader(data_dir, self.config.data.seq_len, global_batch, self.world.rank, self.world.size,
                            self.config.train.seed, split=split, expected_vocab_size=self.model_config.vocab_size)
+
+    def _open_validation(self, data_dir) -> dict[str, tuple[float, object]]:
+        """{label: (weight, validation loader)}: one dataset's, or each dataset of a mixture on its own,
+        weighted by its share ('' labels a single dataset)."""
+        from data_pipeline.mixture import dataset_labels
+
+        batch = self.micro * self.world.size
+        if not isinstance(data_dir, dict):
+            return {"": (1.0, self._open_loader("validation", batch, data_dir))}
+        total = sum(data_dir.values())
+        return {label: (weight / total, self._open_loader("validation", batch, path))
+                for label, (path, weight) in zip(dataset_labels(list(data_dir)), data_dir.items())}
 
     # ------------------------------------------------------------------ resume
     def resume_if_possible(self) -> None:
@@ -197,17 +208,26 @@ class Trainer:
                      t.min_lr_ratio, t.decay_fraction)
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss over eval_batches validation batches (the same batches every time)."""
+    def validate(self) -> dict[str, float]:
+        """Mean loss over eval_batches validation batches of each dataset (the same batches every
+        time): {"val_loss": ...}, and for a mixture each dataset's "val_loss/LABEL", val_loss being
+        their mean under the mixture's weights (its expected loss, without the sampling noise of a
+        mixed validation stream)."""
         t = self.config.train
-        self.val_loader.reset()
         self.engine.eval()
-        total = 0.0
-        for _ in range(t.eval_batches):
-            batch = next(self.val_loader).to(self.world.device)
-            total += self.engine(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss.item()
+        totals = []
+        for _, loader in self.val_loaders.values():
+            loader.reset()
+            total = 0.0
+            for _ in range(t.eval_batches):
+                batch = next(loader).to(self.world.device)
+                total += self.engine(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss.item()
+            totals.append(total)
         self.engine.train()
-        return all_reduce_sum([total], self.world)[0] / (self.world.size * t.eval_batches)
+        losses = [total / (self.world.size * t.eval_batches) for total in all_reduce_sum(totals, self.world)]
+        record = {"val_loss": sum(weight * loss for (weight, _), loss in zip(self.val_loaders.values(), losses))}
+        record.update({f"val_loss/{label}": loss for label, loss in zip(self.val_loaders, losses) if label})
+        return record
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> Path:
@@ -254,7 +274,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     record = self._record(loss, window_steps, elapsed)
                     if evaluate:
-                        record["val_loss"] = self.validate()
+                        record.update(self.validate())
                         record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
                     if sink is not None:
                         sink.log(record)
@@ -282,7 +302,8 @@ class Trainer:
                     bar.close()
                 sink.close()
             self.loader.close()
-            self.val_loader.close()
+            for _, loader in self.val_loaders.values():
+                loader.close()
         for export in self.hf_exports:  # let the Hugging Face exports finish before exiting
             export.wait()
         barrier(self.world)
