@@ -285,6 +285,12 @@ def test_compiled_blocks_train_as_the_eager_model_does(workdir, reference):
     assert_same_steps(steps, reference[1], RESHARD_TOLERANCE)
     assert all(math.isfinite(steps[step]["val_loss"]) for step in (3, 6))
 
+    # a compiler that fails (here: no working C++ compiler for inductor) is one line, not a traceback
+    broken = {"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor-without-compiler")}
+    rc, output = run(workdir, workdir / "compile-fails", "train.compile=true", nproc=1, env=broken)
+    assert rc == 1 and "hope-train: error: torch.compile failed: InvalidCxxCompiler" in output, output[-3000:]
+    assert "--set train.compile=false" in output and "Traceback" not in output
+
 
 def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(workdir, reference):
     """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}; the

@@ -47,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TrainingError) as error:
         print(f"hope-train: error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # noqa: BLE001 - only torch.compile's failures become one line
+        from .compile import compile_failure
+
+        message = compile_failure(error)
+        if message is None:
+            raise
+        hint = " (train.compile: true; --set train.compile=false runs the blocks eagerly)" if config.train.compile else ""
+        print(f"hope-train: error: {message}{hint}", file=sys.stderr)
+        return 1
     if trainer.world.is_main:
         latest = trainer.checkpoints.latest_tag()
         where = trainer.checkpoints.root / latest if latest else "none"

@@ -22,3 +22,14 @@ def compile_blocks(model: torch.nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def compile_failure(error: BaseException) -> str | None:
+    """The one line hope-train prints for a torch.compile failure (no C++ compiler for inductor on
+    CPU, a graph it cannot build); None for any other error."""
+    import torch._dynamo.exc
+
+    if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return None
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"torch.compile failed: {first[:300]}"
