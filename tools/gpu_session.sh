@@ -47,7 +47,7 @@ if [ "${1:-}" = wheels ]; then
 fi
 
 OUT="${OUT:-$PWD/gpu-out}"
-mkdir -p "$OUT" /tmp/bench
+rm -rf /tmp/bench && mkdir -p "$OUT" /tmp/bench  # results.json holds this call's reports only
 DEADLINE=$((SECONDS + ${GPU_SESSION_SECONDS:-560}))
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
