@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,6 +148,8 @@ def test_zero0_two_ranks_logs_validates_and_keeps_last_checkpoints(reference):
     assert [s for s, r in steps.items() if r.get("val_loss") is not None] == [3, 6]
     assert steps[6]["val_ppl"] == pytest.approx(math.exp(steps[6]["val_loss"]))
     assert "step 6 | loss" in output and f"checkpoint: {run_dir / 'checkpoints' / 'step-00000006'}" in output
+    saved = re.findall(r"checkpoint saved: \S+step-0000000(\d) \((\d+\.\d\d) GB in \d+\.\d s\)", output)
+    assert [step for step, _ in saved] == ["2", "4", "6"], saved  # with its size and time
     # keep_checkpoints=2: steps 2 and 4 were saved, only the last two remain
     checkpoints = run_dir / "checkpoints"
     assert latest(run_dir) == "step-00000006"

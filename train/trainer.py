@@ -287,8 +287,12 @@ class Trainer:
                 preempted = any_rank(self.preemption.signal is not None, self.world)
                 due = self.state.step % t.checkpoint_every == 0 or last or preempted
                 if due and not skipped:
+                    saving = time.perf_counter()
                     path = self.save()
-                    self._log_main(f"checkpoint saved: {path}")
+                    if self.world.is_main:  # what rank 0 sees of it (all of it on a shared file system)
+                        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                        self._log_main(f"checkpoint saved: {path} ({size / 1e9:.2f} GB in "
+                                       f"{time.perf_counter() - saving:.1f} s)")
                     if self.world.is_main and t.hf_export_every and (last or self.state.step % t.hf_export_every == 0):
                         self.hf_exports.append(export_during_training(  # a background process (docs/EXPORT.md)
                             self.run_dir, path, self.state.step, t.hf_export_dtype, t.hf_push_to_hub))
