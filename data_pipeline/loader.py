@@ -11,7 +11,10 @@ with the same global batch size sees exactly the batches of an uninterrupted run
 
 A mixture of datasets ({directory: weight}) interleaves them by a fixed pattern
 (data_pipeline/mixture.py): position p reads dataset s(p), which continues its own stream of
-per-epoch permutations, so the state is the same one integer.
+per-epoch permutations, so the state is the same one integer. Beside it the state keeps each
+dataset's reads so far and where the current mixture took over (`phase_start`): a run resumed on
+other weights (allow_changed_manifest) starts the new pattern there, every dataset going on from
+its own next read, so none repeats or skips a sample of its epoch across the change.
 
 Background threads build the next `prefetch` batches while the trainer computes (numpy copies
 out of memory-mapped shards release the GIL, and remote shards are cached locally).
@@ -35,7 +38,12 @@ from data_pipeline.order import EpochPermutation
 from data_pipeline.packed import PackedSplit
 from data_pipeline.shards import SPLITS, read_manifest
 
-STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")
+STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")  # required; "phase_start", "reads" since 2026-12
+
+
+def _key(location: str) -> str:
+    """A dataset's name in the state's reads ('/data/a/' and '/data/a' are one dataset)."""
+    return str(location).rstrip("/")
 
 
 class _Dataset:
@@ -90,6 +98,10 @@ class TokenLoader:
             self.check_model_vocab(expected_vocab_size)
         self.num_samples: int = sum(d.num_samples for d in self.datasets)
         self._samples_consumed = 0  # global positions handed to the trainer
+        # The pattern runs from phase_start on, each dataset's reads counted from phase_reads: (0, 0)
+        # but after a resume on changed data. Reads of datasets that left the mixture are kept.
+        self._phase_start, self._phase_reads = 0, np.zeros(len(self.datasets), dtype=np.int64)
+        self._other_reads: dict[str, int] = {}
         self._prefetch = prefetch
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="hope-data") if num_workers else None
         self._pending: deque[tuple[int, Future]] = deque()  # (start position, batch being built)
@@ -124,7 +136,8 @@ class TokenLoader:
         """This rank's slice of the global batch that begins at stream position `start`."""
         first = start + self.rank * self.local_batch_size
         positions = np.arange(first, first + self.local_batch_size, dtype=np.int64)
-        which, reads = self.pattern.locate(positions)
+        which, reads = self.pattern.locate(positions - self._phase_start)
+        reads += self._phase_reads[which]
         batch = np.empty((len(positions), self.seq_len + 1), dtype=np.int64)
         for s in np.unique(which).tolist():
             chosen = which == s
@@ -135,8 +148,11 @@ class TokenLoader:
     @property
     def epochs(self) -> list[int]:
         """Each dataset's epoch at the current position (how many times it has been read through)."""
-        reads = self.pattern.reads_before(self._samples_consumed)
-        return [int(r) // d.num_samples for r, d in zip(reads, self.datasets)]
+        return [int(r) // d.num_samples for r, d in zip(self._reads_before(self._samples_consumed), self.datasets)]
+
+    def _reads_before(self, position: int) -> np.ndarray:
+        """Each dataset's reads in the stream positions [0, position)."""
+        return self._phase_reads + self.pattern.reads_before(position - self._phase_start)
 
     @property
     def epoch(self) -> int:
@@ -144,8 +160,11 @@ class TokenLoader:
         return max(self.epochs)
 
     def state_dict(self) -> dict:
+        reads = self._reads_before(self._samples_consumed)
         return {"seed": self.seed, "epoch": self.epoch, "samples_consumed": self._samples_consumed,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "phase_start": self._phase_start,
+                "reads": [[_key(d.location), int(k)] for d, k in zip(self.datasets, reads)]
+                + [[location, k] for location, k in self._other_reads.items()]}
 
     def load_state_dict(self, state: dict, allow_changed_manifest: bool = False) -> None:
         missing = [k for k in STATE_KEYS if k not in state]
@@ -163,14 +182,44 @@ class TokenLoader:
         consumed = state["samples_consumed"]
         if not isinstance(consumed, int) or consumed < 0:
             raise DataError(f"loader state: samples_consumed {consumed!r}, expected an int >= 0")
+        phase_start, base, others = self._phase_from(state, consumed)
         self._drop_pending()
         self._samples_consumed = consumed
+        self._phase_start, self._phase_reads, self._other_reads = phase_start, base, others
         self._fill_pending()
+
+    def _phase_from(self, state: dict, consumed: int) -> tuple[int, np.ndarray, dict[str, int]]:
+        """(phase_start, each dataset's reads before it, reads of datasets not in this mixture) that
+        continue `state` at position `consumed`."""
+        reads = state.get("reads", [])  # absent in checkpoints from before December 2026
+        phase_start = state.get("phase_start", 0)
+        if not (isinstance(reads, list) and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                                                and isinstance(r[1], int) and r[1] >= 0 for r in reads)):
+            raise DataError(f"loader state: reads {reads!r}, expected a list of [dataset, reads >= 0]")
+        if not isinstance(phase_start, int) or not 0 <= phase_start <= consumed:
+            raise DataError(f"loader state: phase_start {phase_start!r}, expected an int in [0, samples_consumed]")
+        zeros = np.zeros(len(self.datasets), dtype=np.int64)
+        if not reads:  # the position alone carries over (with changed data: each dataset at its pattern's read)
+            return (phase_start, zeros, {}) if state["fingerprint"] == self.fingerprint else (0, zeros, {})
+        by_location = {location: k for location, k in reads}
+        if state["fingerprint"] == self.fingerprint:  # the same datasets and shares, in order: the pattern goes on
+            now = np.array([k for _, k in reads[:len(self.datasets)]] + [0] * (len(self.datasets) - len(reads)))
+            base = now - self.pattern.reads_before(consumed - phase_start)
+            if len(reads) < len(self.datasets) or (base < 0).any():
+                raise DataError(f"loader state: reads {reads!r} do not fit samples_consumed {consumed} and "
+                                f"phase_start {phase_start} of this mixture")
+            others = {location: k for location, k in reads[len(self.datasets):]}
+            return phase_start, base, others
+        # changed data (allowed): the new pattern starts here, each dataset going on from its own reads
+        ours = [_key(d.location) for d in self.datasets]
+        base = np.array([by_location.get(location, 0) for location in ours], dtype=np.int64)
+        return consumed, base, {location: k for location, k in by_location.items() if location not in ours}
 
     def reset(self) -> None:
         """Back to the start of the stream (validation: the same batches at every evaluation)."""
         self._drop_pending()
         self._samples_consumed = 0
+        self._phase_start, self._phase_reads[:] = 0, 0
         self._fill_pending()
 
     def check_model_vocab(self, model_vocab_size: int) -> None:

@@ -109,6 +109,62 @@ def test_weights_and_tokenizers_are_part_of_the_mixture(tmp_path, mixture):
         TokenLoader({big: 1, str(other): 1}, SEQ, 8, 0, 1, seed=4)
 
 
+@pytest.mark.parametrize("resume_world_size", [1, 2])
+def test_new_weights_continue_every_dataset_at_its_next_read(mixture, resume_world_size):
+    """3:1 for 80 samples, then 1:1 (allowed): each dataset's reads go on where they were, so each
+    reads its own stream in order, no sample twice or skipped across the change; and a resume after
+    the change continues the new pattern where it was."""
+    big, small = mixture
+    reweighted = {big: 0.5, small: 0.5}
+    before, state = stream(mixture, 10)
+    loader = TokenLoader(reweighted, SEQ, 8, 0, 1, seed=4)
+    loader.load_state_dict(json.loads(json.dumps(state)), allow_changed_manifest=True)
+    after = torch.cat(take(loader, 20)).numpy()
+    changed = loader.state_dict()
+    loader.close()
+    rows = np.concatenate([before, after])
+    from_small = rows[:, 0] >= SECOND
+    assert from_small[:80].sum() == 20 and from_small[80:].sum() == 80
+    alone_big, _ = stream({big: 1}, 140 // 4, batch=4)  # each dataset by itself: its own stream
+    alone_small, _ = stream({small: 1}, 100 // 4, batch=4)
+    assert np.array_equal(rows[~from_small], alone_big) and np.array_equal(rows[from_small], alone_small)
+    assert changed["phase_start"] == 80 and [k for _, k in changed["reads"]] == [140, 100]
+    # resumed again on the new weights (on another world size too): the new pattern where it was
+    with TokenLoader(reweighted, SEQ, 8, 0, 1, seed=4) as loader:
+        loader.load_state_dict(json.loads(json.dumps(state)), allow_changed_manifest=True)
+        take(loader, 5)
+        middle = loader.state_dict()
+    later, _ = stream(reweighted, 15, world_size=resume_world_size, state=json.loads(json.dumps(middle)))
+    assert np.array_equal(later, after[40:])
+
+
+def test_a_dataset_that_leaves_the_mixture_keeps_its_reads(mixture):
+    big, small = mixture
+    _, state = stream(mixture, 10)  # big read 60 times, small 20
+    with TokenLoader(big, SEQ, 8, 0, 1, seed=4) as loader:  # small leaves
+        loader.load_state_dict(state, allow_changed_manifest=True)
+        take(loader, 5)
+        alone = loader.state_dict()
+    assert alone["reads"] == [[big, 100], [small, 20]]
+    with TokenLoader(mixture, SEQ, 8, 0, 1, seed=4) as loader:  # and comes back at its read 20
+        loader.load_state_dict(alone, allow_changed_manifest=True)
+        rows = torch.cat(take(loader, 4)).numpy()
+    alone_small, _ = stream({small: 1}, 7, batch=4)
+    assert np.array_equal(rows[rows[:, 0] >= SECOND], alone_small[20:28])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"phase_start": 999}, r"phase_start 999, expected an int in \[0, samples_consumed\]"),
+    ({"reads": [["x", -1]]}, r"reads \[\['x', -1\]\], expected a list of \[dataset, reads >= 0\]"),
+    ({"reads": [["a", 0], ["b", 0]]}, "do not fit samples_consumed 80"),
+])
+def test_a_state_whose_reads_do_not_fit_is_refused(mixture, change, message):
+    _, state = stream(mixture, 10)
+    with TokenLoader(mixture, SEQ, 8, 0, 1, seed=4) as loader:
+        with pytest.raises(DataError, match=message):
+            loader.load_state_dict({**state, **change})
+
+
 def test_validation_mixes_the_validation_splits_alike(mixture):
     with TokenLoader(mixture, SEQ, 8, 0, 1, seed=4, split="validation") as loader:
         rows = torch.cat(take(loader, 4)).numpy()
