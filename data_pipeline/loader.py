@@ -5,8 +5,8 @@ permutation), and so on; position p of the stream is sample perm(seed, p // N)(p
 batch g is positions [g*B, (g+1)*B); rank r of W gets the contiguous slice
 [g*B + r*B/W, g*B + (r+1)*B/W). Ranks therefore read disjoint samples and never the whole dataset.
 
-The state is {seed, epoch, samples_consumed, fingerprint}; samples_consumed counts global
-positions, so it does not depend on the world size: a run resumed on another number of ranks
+The state is {seed, epoch, samples_consumed, fingerprint} (and, for changes of data, phase_start
+and each dataset's reads: below); samples_consumed counts global positions, so it does not depend on the world size: a run resumed on another number of ranks
 with the same global batch size sees exactly the batches of an uninterrupted run.
 
 A mixture of datasets ({directory: weight}) interleaves them by a fixed pattern
