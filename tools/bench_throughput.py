@@ -15,7 +15,8 @@ CUDA: bf16, ZeRO-2, fused AdamW. CPU: fp32, ZeRO-2 over gloo (one process).
 --profile adds one step of each model under torch.profiler: its GPU kernels, heaviest first, and
 how busy they kept the GPU. --memory-limit-gib caps PyTorch's allocator (CUDA graphs' pools
 included), so a larger GPU tells whether a run fits a smaller one: 78.5 for an 80 GB H100, whose
-79.6 GiB (81,559 MiB) hold the CUDA context too.
+79.6 GiB (81,559 MiB) hold the CUDA context too. --compile compiles every block of both models
+as hope-train's `train.compile` does (the warmup steps compile; HOPE's memory loops stay eager).
 """
 from __future__ import annotations
 
