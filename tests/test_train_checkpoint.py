@@ -11,7 +11,7 @@ import torch
 
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, write_atomic
 from train.distributed import World
-from train.metrics import format_line
+from train.metrics import duration, format_line
 from train.schedule import apply_lr, lr_at
 
 ONE = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
@@ -116,5 +116,9 @@ def test_metrics_line_has_the_issue_fields():
     assert line == ("step 7 | loss 2.5000 | grad 0.500 | lr 3.00e-04 | tok/s 12,346 | mfu 41.2% | "
                     "mem 12.30 GiB | val 2.0000 (ppl 7.4)")
     repeating = format_line({"step": 8, "loss": 2.5, "lr": 3e-4, "tokens_per_s": 1.0, "peak_mem_gb": 1.0,
-                             "skipped_steps": 0, "data_epoch": 2})
-    assert repeating.endswith("| mem 1.00 GiB | data epoch 2")
+                             "skipped_steps": 0, "data_epoch": 2, "eta_s": 3 * 86400 + 4 * 3600 + 59})
+    assert repeating.endswith("| mem 1.00 GiB | eta 3d04h | data epoch 2")
+    mixture = format_line({"step": 9, "loss": 2.5, "lr": 3e-4, "tokens_per_s": 1.0, "peak_mem_gb": 1.0, "eta_s": 0.0,
+                           "val_loss": 2.0, "val_ppl": 7.4, "val_loss/web": 1.9, "val_loss/code": 2.3})
+    assert mixture.endswith("| mem 1.00 GiB | val 2.0000 (ppl 7.4; web 1.9000, code 2.3000)")
+    assert [duration(s) for s in (0.4, 42, 312, 7980, 86400)] == ["0s", "42s", "5m12s", "2h13m", "1d00h"]

@@ -37,8 +37,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return kib / 2**20
 
 
+def duration(seconds: float) -> str:
+    """42s, 5m12s, 2h13m, 3d04h: the two largest units."""
+    s = int(round(seconds))
+    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{s % 60:02d}s" if minutes else f"{s}s"
+
+
 def format_line(record: dict) -> str:
-    """`step 10 | loss 5.1234 | grad 1.23 | lr 3.0e-04 | tok/s 12,345 | mfu 41.2% | mem 12.3 GiB`.
+    """`step 10 | loss 5.1234 | grad 1.23 | lr 3.0e-04 | tok/s 12,345 | mfu 41.2% | mem 12.3 GiB | eta 2h13m`.
 
     Memory is in GiB (2**30 bytes), as is `peak_mem_gb` in metrics.jsonl (a name kept for scripts).
     """
@@ -49,6 +60,8 @@ def format_line(record: dict) -> str:
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     parts.append(f"mem {record['peak_mem_gb']:.2f} GiB")
+    if record.get("eta_s"):
+        parts.append(f"eta {duration(record['eta_s'])}")
     if record.get("val_loss") is not None:
         each = [f"{key[len('val_loss/'):]} {value:.4f}" for key, value in record.items()
                 if key.startswith("val_loss/") and value is not None]  # a mixture's datasets

@@ -327,7 +327,9 @@ class Trainer:
                 "lr": self._lr(self.state.step - 1), "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "peak_mem_gb": peak_memory_gb(self.world.device), "tokens_seen": self.state.tokens_seen,
                 "skipped_steps": self.state.skipped_steps, "data_fingerprint": int(self.data_fingerprint),
-                "data_epoch": self.loader.epoch}
+                "data_epoch": self.loader.epoch,
+                # to max_steps at this window's pace (validation and saves not counted)
+                "eta_s": (self.config.train.max_steps - self.state.step) * elapsed / max(steps, 1)}
 
     def _log_main(self, text: str) -> None:
         if self.world.is_main:
