@@ -154,6 +154,11 @@ class TokenLoader:
         """Each dataset's reads in the stream positions [0, position)."""
         return self._phase_reads + self.pattern.reads_before(position - self._phase_start)
 
+    def planned_epochs(self, positions: int) -> list[float]:
+        """How many times each dataset is read through in `positions` stream positions from the start
+        (its share of them over its samples)."""
+        return [float(f) * positions / d.num_samples for f, d in zip(self.pattern.fractions, self.datasets)]
+
     @property
     def epoch(self) -> int:
         """The largest of `epochs`: > 0 once some data repeats."""

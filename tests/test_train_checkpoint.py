@@ -11,7 +11,7 @@ import torch
 
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, write_atomic
 from train.distributed import World
-from train.metrics import duration, format_line
+from train.metrics import amount, duration, format_line
 from train.schedule import apply_lr, lr_at
 
 ONE = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
@@ -122,3 +122,4 @@ def test_metrics_line_has_the_issue_fields():
                            "val_loss": 2.0, "val_ppl": 7.4, "val_loss/web": 1.9, "val_loss/code": 2.3})
     assert mixture.endswith("| mem 1.00 GiB | val 2.0000 (ppl 7.4; web 1.9000, code 2.3000)")
     assert [duration(s) for s in (0.4, 42, 312, 7980, 86400)] == ["0s", "42s", "5m12s", "2h13m", "1d00h"]
+    assert [amount(n) for n in (5120, 341_495_040, 15.0e9)] == ["5,120", "341.5M", "15.0B"]

@@ -148,6 +148,7 @@ def test_zero0_two_ranks_logs_validates_and_keeps_last_checkpoints(reference):
     assert [s for s, r in steps.items() if r.get("val_loss") is not None] == [3, 6]
     assert steps[6]["val_ppl"] == pytest.approx(math.exp(steps[6]["val_loss"]))
     assert "step 6 | loss" in output and f"checkpoint: {run_dir / 'checkpoints' / 'step-00000006'}" in output
+    assert "ranks x micro-batch 2 x accumulation 2 = 8 sequences of 32 = 256 tokens/step | 6 steps = 1,536 tokens" in output
     saved = re.findall(r"checkpoint saved: \S+step-0000000(\d) \((\d+\.\d\d) GB in \d+\.\d s\)", output)
     assert [step for step, _ in saved] == ["2", "4", "6"], saved  # with its size and time
     # keep_checkpoints=2: steps 2 and 4 were saved, only the last two remain
@@ -317,6 +318,7 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     steps = records(run_dir)
     assert sorted(steps) == list(range(1, MAX_STEPS + 1)) and steps[6]["val_loss"] is not None
     assert all(math.isfinite(r["loss"]) for r in steps.values())
+    assert re.search(rf"epochs of each dataset: {prepared.data_dir.name} [\d.]+, second [\d.]+\n", output), output[-3000:]
     # each dataset validated on its own; val_loss is their mean under the mixture's weights
     first, second_loss = steps[6][f"val_loss/{prepared.data_dir.name}"], steps[6]["val_loss/second"]
     assert first != second_loss and abs(steps[6]["val_loss"] - (0.75 * first + 0.25 * second_loss)) < 1e-9

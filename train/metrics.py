@@ -48,6 +48,11 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{s % 60:02d}s" if minutes else f"{s}s"
 
 
+def amount(n: float) -> str:
+    """5,120, 512.0M, 15.0B: counts of tokens for people."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
+
+
 def format_line(record: dict) -> str:
     """`step 10 | loss 5.1234 | grad 1.23 | lr 3.0e-04 | tok/s 12,345 | mfu 41.2% | mem 12.3 GiB | eta 2h13m`.
 

@@ -31,7 +31,7 @@ from .compile import compile_blocks
 from .config import RunConfig, load_model_config, resolve_batch
 from .distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from .export import export_during_training
-from .metrics import MetricsSink, device_peak_flops, peak_memory_gb
+from .metrics import MetricsSink, amount, device_peak_flops, peak_memory_gb
 from .optim import attach_engine, build_optimizer
 from .schedule import apply_lr, lr_at
 
@@ -122,6 +122,24 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self.flops_per_token = self.model_config.flops_per_token(d.seq_len)
         self.peak_flops = device_peak_flops(self.world.device, t.peak_tflops)
+        self._log_main(self._plan(sum(p.numel() for p in model.parameters())))
+
+    def _plan(self, n_params: int) -> str:
+        """The run in one line: model, batch arithmetic, tokens, and how often the data is read."""
+        from data_pipeline.mixture import dataset_labels
+
+        t, d = self.config.train, self.config.data
+        epochs = self.loader.planned_epochs(t.max_steps * self.global_batch)
+        if len(epochs) == 1:
+            data = f"{epochs[0]:.3g} epochs of the data"
+        else:
+            labels = dataset_labels([dataset.location for dataset in self.loader.datasets])
+            data = "epochs of each dataset: " + ", ".join(f"{label} {e:.3g}" for label, e in zip(labels, epochs))
+        ranks = f"{self.world.size} rank{'s' if self.world.size > 1 else ''}"
+        return (f"model {self.config.model.config}: {amount(n_params)} parameters | {ranks} x micro-batch {self.micro} "
+                f"x accumulation {self.accumulation} = {self.global_batch} sequences of {d.seq_len} = "
+                f"{self.tokens_per_step:,} tokens/step | {t.max_steps:,} step{'s' if t.max_steps > 1 else ''} = {amount(t.max_steps * self.tokens_per_step)} "
+                f"tokens, {data}")
 
     def _open_loader(self, split: str, global_batch: int, data_dir):
         from data_pipeline import TokenLoader
