@@ -19,14 +19,13 @@ import fcntl
 import hashlib
 import os
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.shards import HEADER_SIZE, Manifest, ShardInfo, decode_header, token_dtype
-from data_pipeline.storage import is_local, join
+from data_pipeline.storage import atomic_write_local, is_local, join
 
 DEFAULT_CACHE = Path(os.environ.get("HOPE_DATA_CACHE", Path.home() / ".cache" / "hope-data" / "shards"))
 
@@ -117,12 +116,7 @@ class PackedSplit:
         digest = hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
             raise DataError(f"{url}: checksum mismatch (sha256 {digest[:16]}..., manifest {shard.sha256[:16]}...)")
-        tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, local)
+        atomic_write_local(local, data)
 
     # ------------------------------------------------------------ samples
     def read(self, sample_indices: np.ndarray) -> np.ndarray:

@@ -33,17 +33,22 @@ def join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
+def atomic_write_local(path: str | Path, data: bytes) -> None:
+    """Write data to a local path so that it holds either the old content or all of the new."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write data under path so that path holds either the old content or all of the new."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
+        return atomic_write_local(path, data)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fs.makedirs(fs._parent(path), exist_ok=True)
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
