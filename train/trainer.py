@@ -16,6 +16,7 @@ and SIGUSR1 (preemption) make every rank save a checkpoint at the end of the cur
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -81,6 +82,7 @@ class Trainer:
         from data_pipeline import prepare_default_corpus
 
         self.config, self.run_dir = config, Path(run_dir)
+        self.bar = None  # rank 0's progress bar while fit() runs
         self.world: World = init_world()
         t, d = config.train, config.data
         self.ds_config = resolve_batch(config.deepspeed, self.world.size, config.source)
@@ -265,13 +267,12 @@ class Trainer:
         self.hf_exports = []
         sink = None
         if self.world.is_main:
-            bar = None
             if t.progress_bar:
                 from tqdm import tqdm
 
-                bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+                self.bar = tqdm(total=t.max_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
             sink = MetricsSink(self.run_dir, t.wandb, t.wandb_project, t.wandb_name, self.state.wandb_id,
-                               self.config.to_dict(), progress_write=bar.write if bar else None)
+                               self.config.to_dict(), progress_write=self.bar.write if self.bar else None)
             self.state.wandb_id = sink.wandb_id
         nan_steps, bad_streak = _nan_fault_steps(), 0
         window_start, window_steps = time.perf_counter(), 0
@@ -283,9 +284,9 @@ class Trainer:
                 window_steps += 1
                 bad_streak = bad_streak + 1 if skipped else 0
                 self.state.skipped_steps += int(skipped)
-                if self.world.is_main and bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss:.4f}")
                 last = self.state.step == t.max_steps
                 evaluate = last or (t.eval_every and self.state.step % t.eval_every == 0)
                 if evaluate or self.state.step % t.log_every == 0:
@@ -319,9 +320,10 @@ class Trainer:
                     self._log_main(f"preempted (signal) at step {self.state.step}; run again to resume")
                     break
         finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
             if sink is not None:
-                if bar is not None:
-                    bar.close()
                 sink.close()
             self.loader.close()
             for _, loader in self.val_loaders.values():
@@ -350,5 +352,5 @@ class Trainer:
                 "eta_s": (self.config.train.max_steps - self.state.step) * elapsed / max(steps, 1)}
 
     def _log_main(self, text: str) -> None:
-        if self.world.is_main:
-            print(f"[hope-train] {text}", flush=True)
+        if self.world.is_main:  # through the progress bar while it runs, so that it is not cut in two
+            (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(f"[hope-train] {text}")
