@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,12 +39,25 @@ from data_pipeline.order import EpochPermutation
 from data_pipeline.packed import PackedSplit
 from data_pipeline.shards import SPLITS, read_manifest
 
-STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")  # required; "phase_start", "reads" since 2026-12
+STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")  # required; "phase_start", "reads", "left" since 2026-12
 
 
 def _key(location: str) -> str:
-    """A dataset's name in the state's reads ('/data/a/' and '/data/a' are one dataset)."""
-    return str(location).rstrip("/")
+    """A dataset's name in the state's reads: '/data/a/', 'data/a' (from /data) and
+    '/data/a/manifest.json' are one dataset; URLs as written."""
+    text = str(location).rstrip("/")
+    if text.endswith("manifest.json"):
+        text = text[:-len("manifest.json")].rstrip("/") or "."
+    return text if "://" in text else os.path.realpath(text)
+
+
+def _entry(location: str, manifest: str, reads: int) -> dict:
+    return {"dataset": _key(location), "manifest": manifest, "reads": int(reads)}
+
+
+def _valid_entry(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("dataset"), str) and isinstance(entry.get("manifest"), str)
+            and isinstance(entry.get("reads"), int) and entry["reads"] >= 0)
 
 
 class _Dataset:
@@ -101,7 +115,8 @@ class TokenLoader:
         # The pattern runs from phase_start on, each dataset's reads counted from phase_reads: (0, 0)
         # but after a resume on changed data. Reads of datasets that left the mixture are kept.
         self._phase_start, self._phase_reads = 0, np.zeros(len(self.datasets), dtype=np.int64)
-        self._other_reads: dict[str, int] = {}
+        self._left: list[dict] = []  # the entries (as in state_dict's reads) of datasets that left
+        self.data_change: str | None = None  # set by load_state_dict on changed data: where each dataset went on
         self._prefetch = prefetch
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="hope-data") if num_workers else None
         self._pending: deque[tuple[int, Future]] = deque()  # (start position, batch being built)
@@ -154,10 +169,10 @@ class TokenLoader:
         """Each dataset's reads in the stream positions [0, position)."""
         return self._phase_reads + self.pattern.reads_before(position - self._phase_start)
 
-    def planned_epochs(self, positions: int) -> list[float]:
-        """How many times each dataset is read through in `positions` stream positions from the start
-        (its share of them over its samples)."""
-        return [float(f) * positions / d.num_samples for f, d in zip(self.pattern.fractions, self.datasets)]
+    def planned_epochs(self, position: int) -> list[float]:
+        """How many times each dataset has been read through by stream position `position` (its reads
+        so far, then the current mixture's), a fraction."""
+        return [float(k) / d.num_samples for k, d in zip(self._reads_before(position), self.datasets)]
 
     @property
     def epoch(self) -> int:
@@ -168,8 +183,8 @@ class TokenLoader:
         reads = self._reads_before(self._samples_consumed)
         return {"seed": self.seed, "epoch": self.epoch, "samples_consumed": self._samples_consumed,
                 "fingerprint": self.fingerprint, "phase_start": self._phase_start,
-                "reads": [[_key(d.location), int(k)] for d, k in zip(self.datasets, reads)]
-                + [[location, k] for location, k in self._other_reads.items()]}
+                "reads": [_entry(d.location, d.manifest.fingerprint, k) for d, k in zip(self.datasets, reads)],
+                "left": self._left}
 
     def load_state_dict(self, state: dict, allow_changed_manifest: bool = False) -> None:
         missing = [k for k in STATE_KEYS if k not in state]
@@ -187,38 +202,46 @@ class TokenLoader:
         consumed = state["samples_consumed"]
         if not isinstance(consumed, int) or consumed < 0:
             raise DataError(f"loader state: samples_consumed {consumed!r}, expected an int >= 0")
-        phase_start, base, others = self._phase_from(state, consumed)
+        phase_start, base, left, self.data_change = self._phase_from(state, consumed)
         self._drop_pending()
         self._samples_consumed = consumed
-        self._phase_start, self._phase_reads, self._other_reads = phase_start, base, others
+        self._phase_start, self._phase_reads, self._left = phase_start, base, left
         self._fill_pending()
 
-    def _phase_from(self, state: dict, consumed: int) -> tuple[int, np.ndarray, dict[str, int]]:
-        """(phase_start, each dataset's reads before it, reads of datasets not in this mixture) that
-        continue `state` at position `consumed`."""
-        reads = state.get("reads", [])  # absent in checkpoints from before December 2026
+    def _phase_from(self, state: dict, consumed: int) -> tuple[int, np.ndarray, list[dict], str | None]:
+        """(phase_start, each dataset's reads before it, the datasets that left the mixture, and on
+        changed data a line saying where each dataset goes on) that continue `state` at `consumed`."""
+        reads, left = state.get("reads", []), state.get("left", [])  # absent in states from before December 2026
         phase_start = state.get("phase_start", 0)
-        if not (isinstance(reads, list) and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
-                                                and isinstance(r[1], int) and r[1] >= 0 for r in reads)):
-            raise DataError(f"loader state: reads {reads!r}, expected a list of [dataset, reads >= 0]")
+        for entries, key in ((reads, "reads"), (left, "left")):
+            if not (isinstance(entries, list) and all(_valid_entry(e) for e in entries)):
+                raise DataError(f"loader state: {key} {entries!r}, expected a list of "
+                                "{'dataset': path, 'manifest': fingerprint, 'reads': int >= 0}")
         if not isinstance(phase_start, int) or not 0 <= phase_start <= consumed:
             raise DataError(f"loader state: phase_start {phase_start!r}, expected an int in [0, samples_consumed]")
         zeros = np.zeros(len(self.datasets), dtype=np.int64)
+        same = state["fingerprint"] == self.fingerprint
         if not reads:  # the position alone carries over (with changed data: each dataset at its pattern's read)
-            return (phase_start, zeros, {}) if state["fingerprint"] == self.fingerprint else (0, zeros, {})
-        by_location = {location: k for location, k in reads}
-        if state["fingerprint"] == self.fingerprint:  # the same datasets and shares, in order: the pattern goes on
-            now = np.array([k for _, k in reads[:len(self.datasets)]] + [0] * (len(self.datasets) - len(reads)))
-            base = now - self.pattern.reads_before(consumed - phase_start)
-            if len(reads) < len(self.datasets) or (base < 0).any():
+            return (phase_start if same else 0), zeros, [], None if same else "data changed: the position carries over"
+        if same:  # the same datasets and shares, in order: the pattern goes on
+            base = np.array([e["reads"] for e in reads]) - (self.pattern.reads_before(consumed - phase_start)
+                                                            if len(reads) == len(self.datasets) else 0)
+            if len(reads) != len(self.datasets) or (base < 0).any():
                 raise DataError(f"loader state: reads {reads!r} do not fit samples_consumed {consumed} and "
                                 f"phase_start {phase_start} of this mixture")
-            others = {location: k for location, k in reads[len(self.datasets):]}
-            return phase_start, base, others
-        # changed data (allowed): the new pattern starts here, each dataset going on from its own reads
-        ours = [_key(d.location) for d in self.datasets]
-        base = np.array([by_location.get(location, 0) for location in ours], dtype=np.int64)
-        return consumed, base, {location: k for location, k in by_location.items() if location not in ours}
+            return phase_start, base, left, None
+        # changed data (allowed): the new pattern starts here, each dataset going on from its own reads,
+        # found by its path, else by its manifest (moved), else as the one dataset replacing the one before
+        unmatched, base, said = reads + left, [], []
+        for d in self.datasets:
+            found = (next((e for e in unmatched if e["dataset"] == _key(d.location)), None)
+                     or next((e for e in unmatched if e["manifest"] == d.manifest.fingerprint), None)
+                     or (reads[0] if len(self.datasets) == len(reads) == 1 else None))
+            if found is not None:
+                unmatched.remove(found)
+            base.append(found["reads"] if found is not None else 0)
+            said.append(f"{d.location} at read {base[-1]}" + ("" if found is not None else " (new)"))
+        return consumed, np.array(base, dtype=np.int64), unmatched, "data changed, each dataset goes on: " + ", ".join(said)
 
     def reset(self) -> None:
         """Back to the start of the stream (validation: the same batches at every evaluation)."""

@@ -7,9 +7,10 @@ repeat p // PERIOD, so it reads dataset s(p), and it is that dataset's k-th read
 k = repeat * n_s + (the dataset's slots earlier in the pattern). Each dataset continues its own
 stream at k (its seeded per-epoch permutations, data_pipeline/order.py), so it still visits each
 of its samples once per its own epoch, any window of B positions holds B * n_s / PERIOD +- 2 reads
-of it (tests/test_data_mixture.py), and the loader's state stays one integer: the mixture's
-position. One dataset is the mixture whose every slot is its own (k = p): the same stream as
-without a mixture.
+of it (tests/test_data_mixture.py), and the loader's state stays the mixture's position (with each
+dataset's reads beside it, so that other weights can take over there: data_pipeline/loader.py).
+One dataset is the mixture whose every slot is its own (k = p): the same stream as without a
+mixture.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def dataset_labels(locations: Sequence[str]) -> list[str]:
         clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1]
         if not clashing:
             return labels
-        if any(depth[i] >= len(parts[i]) for i in clashing):  # one directory spelled two ways ('/a/x', '/a/x/')
-            return [str(location) for location in locations]
+        if any(depth[i] >= len(parts[i]) for i in clashing):  # a path that ends another ('/x/web', '/y/x/web'),
+            return [str(location) for location in locations]  # or one directory spelled two ways
         for i in clashing:
             depth[i] += 1

@@ -5,6 +5,7 @@ first token says which dataset it came from and which of its samples it is.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +129,7 @@ def test_new_weights_continue_every_dataset_at_its_next_read(mixture, resume_wor
     alone_big, _ = stream({big: 1}, 140 // 4, batch=4)  # each dataset by itself: its own stream
     alone_small, _ = stream({small: 1}, 100 // 4, batch=4)
     assert np.array_equal(rows[~from_small], alone_big) and np.array_equal(rows[from_small], alone_small)
-    assert changed["phase_start"] == 80 and [k for _, k in changed["reads"]] == [140, 100]
+    assert changed["phase_start"] == 80 and [e["reads"] for e in changed["reads"]] == [140, 100]
     # resumed again on the new weights (on another world size too): the new pattern where it was
     with TokenLoader(reweighted, SEQ, 8, 0, 1, seed=4) as loader:
         loader.load_state_dict(json.loads(json.dumps(state)), allow_changed_manifest=True)
@@ -145,7 +146,7 @@ def test_a_dataset_that_leaves_the_mixture_keeps_its_reads(mixture):
         loader.load_state_dict(state, allow_changed_manifest=True)
         take(loader, 5)
         alone = loader.state_dict()
-    assert alone["reads"] == [[big, 100], [small, 20]]
+    assert [(e["dataset"], e["reads"]) for e in alone["reads"] + alone["left"]] == [(big, 100), (small, 20)]
     with TokenLoader(mixture, SEQ, 8, 0, 1, seed=4) as loader:  # and comes back at its read 20
         loader.load_state_dict(alone, allow_changed_manifest=True)
         rows = torch.cat(take(loader, 4)).numpy()
@@ -153,10 +154,48 @@ def test_a_dataset_that_leaves_the_mixture_keeps_its_reads(mixture):
     assert np.array_equal(rows[rows[:, 0] >= SECOND], alone_small[20:28])
 
 
+def test_changed_data_finds_each_dataset_by_path_then_manifest_then_one_for_one(tmp_path, mixture, monkeypatch):
+    import shutil
+
+    big, small = mixture
+    _, state = stream(mixture, 10)  # big read 60 times, small 20
+    moved = tmp_path / "moved-small"
+    shutil.copytree(small, moved)  # the same data elsewhere: found by its manifest
+    monkeypatch.chdir(Path(big).parent.parent)
+    relative = f"{Path(big).parent.name}/big/manifest.json"  # big spelled another way: found by its path
+    with TokenLoader({relative: 0.5, str(moved) + "/": 0.5}, SEQ, 8, 0, 1, seed=4) as loader:
+        loader.load_state_dict(state, allow_changed_manifest=True)
+        assert [e["reads"] for e in loader.state_dict()["reads"]] == [60, 20]
+        assert loader.data_change == f"data changed, each dataset goes on: {relative} at read 60, {moved}/ at read 20"
+    grown = write_dataset(tmp_path / "grown", train_sizes=BIG + (800,))  # shards added, and a new path
+    _, alone = stream({big: 1}, 10)
+    with TokenLoader(str(grown), SEQ, 8, 0, 1, seed=4) as loader:  # one dataset replacing one: goes on
+        loader.load_state_dict(alone, allow_changed_manifest=True)
+        assert loader.state_dict()["reads"][0]["reads"] == 80 and loader.epochs == [0]
+    with TokenLoader({str(grown): 0.5, small: 0.5}, SEQ, 8, 0, 1, seed=4) as loader:  # unknown in a mixture: new
+        loader.load_state_dict(state, allow_changed_manifest=True)
+        assert loader.data_change.endswith(f"{grown} at read 0 (new), {small} at read 20")
+        assert [e["reads"] for e in loader.state_dict()["left"]] == [60]  # big's reads are kept
+
+
+def test_a_state_from_before_the_reads_were_kept_resumes_as_it_did(mixture):
+    big, small = mixture
+    reference, _ = stream(mixture, 20)
+    _, state = stream(mixture, 8)
+    old = {key: state[key] for key in ("seed", "epoch", "samples_consumed", "fingerprint")}
+    rest, _ = stream(mixture, 12, state=old)
+    assert np.array_equal(rest, reference[64:])  # the same mixture: exact
+    with TokenLoader({big: 0.5, small: 0.5}, SEQ, 8, 0, 1, seed=4) as loader:
+        loader.load_state_dict(old, allow_changed_manifest=True)
+        assert loader.data_change == "data changed: the position carries over" and loader.state_dict()["phase_start"] == 0
+
+
 @pytest.mark.parametrize("change, message", [
     ({"phase_start": 999}, r"phase_start 999, expected an int in \[0, samples_consumed\]"),
-    ({"reads": [["x", -1]]}, r"reads \[\['x', -1\]\], expected a list of \[dataset, reads >= 0\]"),
-    ({"reads": [["a", 0], ["b", 0]]}, "do not fit samples_consumed 80"),
+    ({"reads": [["x", -1]]}, r"reads \[\['x', -1\]\], expected a list of \{'dataset': path"),
+    ({"left": [{"dataset": "x", "manifest": "y", "reads": -1}]}, "left .*expected a list"),
+    ({"reads": [{"dataset": "a", "manifest": "m", "reads": 0}] * 2}, "do not fit samples_consumed 80"),
+    ({"reads": [{"dataset": "a", "manifest": "m", "reads": 0}]}, "do not fit samples_consumed 80"),
 ])
 def test_a_state_whose_reads_do_not_fit_is_refused(mixture, change, message):
     _, state = stream(mixture, 10)

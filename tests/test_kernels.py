@@ -413,7 +413,8 @@ def test_bf16_model_with_fused_kernels_tracks_reference(kernel, length):
 
 
 def assert_same_steps(reference, model, loss_tol: float, grad_tol: float, steps: int = 3) -> None:
-    """`model` trains as `reference` does (CUDA, 2 x 256 tokens): the same loss and gradients, step after step."""
+    """`model` computes what `reference` does (CUDA, 2 x 256 tokens): the same loss and gradients on
+    `steps` batches, one after the other (the optimizer is not involved)."""
     for step in range(steps):
         ids = torch.randint(0, 97, (2, 256), generator=torch.Generator().manual_seed(step)).cuda()
         for m in (reference, model):
@@ -456,8 +457,12 @@ def test_blocks_under_torch_compile_around_the_graphed_triton_memory_pass():
                   memory_cuda_graphs=True)
     eager = small_hope("triton", **fields).cuda().train()
     compiled = small_hope("triton", **fields).cuda().train()
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
     assert compile_blocks(compiled) == 2
     assert_same_steps(eager, compiled, loss_tol=1e-5, grad_tol=1e-4)  # compiled: fused fp32 rounding
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile, around the memory pass
 
 
 @needs_triton

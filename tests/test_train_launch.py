@@ -343,8 +343,11 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     assert "data.allow_changed_data: true" in output and "Traceback" not in output
     rc, output = run(workdir, run_dir, *longer, "data.allow_changed_data=true", nproc=1)
     assert rc == 0, output[-3000:]
+    reads = {e["dataset"]: e["reads"] for e in trainer_state(run_dir, "step-00000006")["data_state"]["reads"]}
+    assert (f"data changed, each dataset goes on: {prepared.data_dir} at read {reads[str(prepared.data_dir)]}, "
+            f"{second} at read {reads[str(second)]}\n") in output, output[-3000:]
     assert "resumed from" in output and sorted(records(run_dir)) == list(range(1, MAX_STEPS + 3))
     data_state = trainer_state(run_dir)["data_state"]
     assert data_state["samples_consumed"] == (MAX_STEPS + 2) * 8
     # the new weights took over at step 6, each dataset going on from its own reads
-    assert data_state["phase_start"] == MAX_STEPS * 8 and sum(k for _, k in data_state["reads"]) == (MAX_STEPS + 2) * 8
+    assert data_state["phase_start"] == MAX_STEPS * 8 and sum(e["reads"] for e in data_state["reads"]) == (MAX_STEPS + 2) * 8

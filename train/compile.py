@@ -25,11 +25,12 @@ def compile_blocks(model: torch.nn.Module) -> int:
 
 
 def compile_failure(error: BaseException) -> str | None:
-    """The one line hope-train prints for a torch.compile failure (no C++ compiler for inductor on
-    CPU, a graph it cannot build); None for any other error."""
+    """The one line hope-train prints when the compiler fails (inductor without a C++ compiler on
+    CPU, Triton's failing on GPU); None for any other error, also one raised inside a compiled block
+    (a shape error in the model keeps its traceback)."""
     import torch._dynamo.exc
 
-    if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+    if not isinstance(error, torch._dynamo.exc.BackendCompilerFailed):
         return None
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     return f"torch.compile failed: {first[:300]}"

@@ -124,10 +124,10 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self.flops_per_token = self.model_config.flops_per_token(d.seq_len)
         self.peak_flops = device_peak_flops(self.world.device, t.peak_tflops)
-        self._log_main(self._plan(sum(p.numel() for p in model.parameters())))
+        self.n_params = sum(p.numel() for p in model.parameters())
 
-    def _plan(self, n_params: int) -> str:
-        """The run in one line: model, batch arithmetic, tokens, and how often the data is read."""
+    def _plan(self) -> str:
+        """The run in one line: model, batch arithmetic, tokens, and how often the data is read by the end."""
         from data_pipeline.mixture import dataset_labels
 
         t, d = self.config.train, self.config.data
@@ -138,7 +138,7 @@ class Trainer:
             labels = dataset_labels([dataset.location for dataset in self.loader.datasets])
             data = "epochs of each dataset: " + ", ".join(f"{label} {e:.3g}" for label, e in zip(labels, epochs))
         ranks = f"{self.world.size} rank{'s' if self.world.size > 1 else ''}"
-        return (f"model {self.config.model.config}: {amount(n_params)} parameters | {ranks} x micro-batch {self.micro} "
+        return (f"model {self.config.model.config}: {amount(self.n_params)} parameters | {ranks} x micro-batch {self.micro} "
                 f"x accumulation {self.accumulation} = {self.global_batch} sequences of {d.seq_len} = "
                 f"{self.tokens_per_step:,} tokens/step | {t.max_steps:,} step{'s' if t.max_steps > 1 else ''} = {amount(t.max_steps * self.tokens_per_step)} "
                 f"tokens, {data}")
@@ -177,6 +177,8 @@ class Trainer:
         state.world_size = self.world.size
         self.state = state
         self._log_main(f"resumed from {self.checkpoints.root / tag} at step {state.step}")
+        if self.loader.data_change:
+            self._log_main(self.loader.data_change)
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self) -> tuple[list[torch.Tensor], float]:
@@ -263,6 +265,7 @@ class Trainer:
         """Train to max_steps (or a preemption). Returns the step reached."""
         t = self.config.train
         self.resume_if_possible()
+        self._log_main(self._plan())
         self.last_saved = self.state.step
         self.hf_exports = []
         sink = None
@@ -315,7 +318,7 @@ class Trainer:
                     if self.world.is_main and t.hf_export_every and (last or self.state.step % t.hf_export_every == 0):
                         self.hf_exports.append(export_during_training(  # a background process (docs/EXPORT.md)
                             self.run_dir, path, self.state.step, t.hf_export_dtype, t.hf_push_to_hub))
-                    window_start = time.perf_counter()  # saving time is not training time
+                    window_start += time.perf_counter() - saving  # saving time is not training time
                 if preempted:
                     self._log_main(f"preempted (signal) at step {self.state.step}; run again to resume")
                     break
