@@ -70,13 +70,16 @@ def _write_corpus_jsonl(files: list[Path], path: Path) -> None:
     atomic_write_bytes(fs, local, ("\n".join(lines) + "\n").encode())
 
 
-def corpus_root(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
+DEFAULT_MAX_BYTES = 6_000_000  # of standard-library source: the embedded corpus of `data.path: default`
+
+
+def corpus_root(cache_dir: str | Path, vocab_size: int, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
     """Where one configuration is built (the stdlib differs between Python versions)."""
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
     return Path(cache_dir) / f"stdlib-{version}-v{vocab_size}-{max_bytes}"
 
 
-def prepare_default_corpus(cache_dir: str | Path, vocab_size: int = 4096, max_bytes: int = 6_000_000) -> PreparedData:
+def prepare_default_corpus(cache_dir: str | Path, vocab_size: int = 4096, max_bytes: int = DEFAULT_MAX_BYTES) -> PreparedData:
     """Tokenizer + shards of the standard library's source under cache_dir (built once)."""
     root = corpus_root(cache_dir, vocab_size, max_bytes)
     prepared = PreparedData(root / "shards", root / "tokenizer.model")

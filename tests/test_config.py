@@ -87,6 +87,33 @@ def test_bad_values_name_file_key_and_expectation(tmp_path, override, expected):
     assert "\n" not in message
 
 
+def test_check_plans_a_run_for_any_world_size_without_starting_it(tmp_path, capsys):
+    from test_data_loader import write_dataset
+
+    from data_pipeline import TokenLoader
+    from hope import HopeForCausalLM
+    from train.cli import main
+    from train.config import load_model_config
+
+    web, code = (str(write_dataset(tmp_path / name, vocab=4096)) for name in ("web", "code"))
+    with TokenLoader(web, 32, 8, 0, 1, seed=0) as loader:
+        samples = loader.num_samples
+    path = write(tmp_path, {**BASE, "data": {"path": web, "seq_len": 32}})
+    model = HopeForCausalLM(load_model_config(load_config(path).model, str(path)))  # counted for real here
+    assert main([str(path), "--check", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    params = sum(p.numel() for p in model.parameters())
+    assert out == (f"hope-train: {path}: valid\nmodel tiny: {params:,} parameters | 4 ranks x micro-batch 2 x accumulation "
+                   f"1 = 8 sequences of 32 = 256 tokens/step | 10 steps = 2,560 tokens, {80 / samples:.3g} epochs of the data\n")
+    mixture = f"data.mixture={{{web}: 3, {code}: 1}}"
+    assert main([str(path), "--check", "--world-size", "2", "--set", "data.path=default", "--set", mixture]) == 0
+    assert f"epochs of each dataset: web {60 / 2 / samples:.3g}, code {20 / 2 / samples:.3g}\n" in capsys.readouterr().out
+    fixed = write(tmp_path, {**BASE, "deepspeed": {**BASE["deepspeed"], "train_batch_size": 8}}, "fixed.yaml")
+    assert main([str(fixed), "--check", "--world-size", "3"]) == 2
+    assert "deepspeed.train_batch_size: expected a multiple of micro batch 2 x 3 ranks, got 8" in capsys.readouterr().err
+    assert main([str(path)]) == 2 and "--run-dir is required to train" in capsys.readouterr().err
+
+
 def test_compile_is_refused_under_zero3(tmp_path):
     message = refused(tmp_path, BASE, "train.compile=true", "deepspeed.zero_optimization.stage=3")
     assert "train.compile: expected false under deepspeed.zero_optimization.stage=3" in message, message

@@ -1,4 +1,5 @@
 """`hope-train CONFIG.yaml --run-dir DIR [--set section.key=value ...]`
+`hope-train CONFIG.yaml --check [--world-size N] [--set ...]`: the config checked and the run's plan printed
 
 Runs as one process, under torchrun or under the `deepspeed` launcher (launch/train.sh). The
 config is read and validated completely before any process group starts; a bad config prints
@@ -15,7 +16,12 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hope-train", description="Pretrain HOPE on DeepSpeed ZeRO.")
     parser.add_argument("config", help="run config YAML (e.g. configs/train/tiny-cpu.yaml)")
-    parser.add_argument("--run-dir", required=True, help="checkpoints and metrics go here; rerun to resume")
+    parser.add_argument("--run-dir", help="checkpoints and metrics go here; rerun to resume (required to train)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the config and print the run's plan (model, batch, tokens, epochs of the "
+                             "data) for --world-size ranks; starts nothing")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --check: the number of ranks (GPUs) to plan for (default: $WORLD_SIZE or 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (YAML scalar), e.g. --set deepspeed.zero_optimization.stage=3")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
@@ -34,6 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from data_pipeline import DataError
+
+    if args.check:
+        from .plan import check
+
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+        try:
+            line = check(config, world_size)
+        except (ConfigError, DataError) as error:
+            print(f"hope-train: error: {error}", file=sys.stderr)
+            return 2
+        print(f"hope-train: {args.config}: valid\n{line}")
+        return 0
+    if args.run_dir is None:
+        print("hope-train: error: --run-dir is required to train (only --check goes without)", file=sys.stderr)
+        return 2
 
     from .checkpoint import CheckpointError
     from .trainer import Trainer, TrainingError

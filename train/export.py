@@ -125,8 +125,8 @@ def tokenizer_for_run(run_config: dict, search_roots: list[Path]):
     # a mixture's datasets share one tokenizer (the loader refuses others): the first one's
     path = next(iter(data["mixture"])) if data.get("mixture") else data.get("path", "default")
     if path == "default":
-        candidates = [corpus_root(data.get("cache_dir", ".cache/hope-data"), data.get("vocab_size", 4096),
-                                  6_000_000) / "tokenizer.model"]
+        candidates = [corpus_root(data.get("cache_dir", ".cache/hope-data"), data.get("vocab_size", 4096))
+                      / "tokenizer.model"]
     else:
         manifest = Path(path) / "manifest.json"
         if not manifest.is_file():

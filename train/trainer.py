@@ -32,8 +32,9 @@ from .compile import compile_blocks
 from .config import RunConfig, load_model_config, resolve_batch
 from .distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from .export import export_during_training
-from .metrics import MetricsSink, amount, device_peak_flops, peak_memory_gb
+from .metrics import MetricsSink, device_peak_flops, peak_memory_gb
 from .optim import attach_engine, build_optimizer
+from .plan import epochs_read, plan_line
 from .schedule import apply_lr, lr_at
 
 
@@ -127,21 +128,13 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
 
     def _plan(self) -> str:
-        """The run in one line: model, batch arithmetic, tokens, and how often the data is read by the end."""
+        """The run in one line (train/plan.py), the epochs counting the reads so far."""
         from data_pipeline.mixture import dataset_labels
 
-        t, d = self.config.train, self.config.data
-        epochs = self.loader.planned_epochs(t.max_steps * self.global_batch)
-        if len(epochs) == 1:
-            data = f"{epochs[0]:.3g} epochs of the data"
-        else:
-            labels = dataset_labels([dataset.location for dataset in self.loader.datasets])
-            data = "epochs of each dataset: " + ", ".join(f"{label} {e:.3g}" for label, e in zip(labels, epochs))
-        ranks = f"{self.world.size} rank{'s' if self.world.size > 1 else ''}"
-        return (f"model {self.config.model.config}: {amount(self.n_params)} parameters | {ranks} x micro-batch {self.micro} "
-                f"x accumulation {self.accumulation} = {self.global_batch} sequences of {d.seq_len} = "
-                f"{self.tokens_per_step:,} tokens/step | {t.max_steps:,} step{'s' if t.max_steps > 1 else ''} = {amount(t.max_steps * self.tokens_per_step)} "
-                f"tokens, {data}")
+        epochs = self.loader.planned_epochs(self.config.train.max_steps * self.global_batch)
+        labels = dataset_labels([d.location for d in self.loader.datasets]) if len(epochs) > 1 else [""]
+        return plan_line(self.config.model.config, self.n_params, self.world.size, self.ds_config,
+                         self.config.data.seq_len, self.config.train.max_steps, epochs_read(dict(zip(labels, epochs))))
 
     def _open_loader(self, split: str, global_batch: int, data_dir):
         from data_pipeline import TokenLoader

@@ -1,0 +1,68 @@
+"""The run in one line: model, batch arithmetic, tokens, and how often it reads its data.
+
+The trainer prints it before the first step; `hope-train CONFIG --check --world-size N` prints it
+from the config alone, for N ranks, before a job is queued: it reads the config, the datasets'
+manifests and the model config (the model built on the meta device, no memory), and starts no
+process group, engine or loader.
+"""
+from __future__ import annotations
+
+import functools
+
+from .config import ConfigError, RunConfig, load_model_config, resolve_batch
+from .metrics import amount
+
+
+def plan_line(model: str, n_params: int, world_size: int, ds: dict, seq_len: int, max_steps: int, data: str) -> str:
+    """`ds`: DeepSpeed's resolved batch keys; `data`: how often the data is read (`epochs_read`)."""
+    micro, accumulation, batch = (ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                      "train_batch_size"))
+    return (f"model {model}: {amount(n_params)} parameters | {world_size} rank{'s' if world_size > 1 else ''} x "
+            f"micro-batch {micro} x accumulation {accumulation} = {batch} sequences of {seq_len} = "
+            f"{batch * seq_len:,} tokens/step | {max_steps:,} step{'s' if max_steps > 1 else ''} = "
+            f"{amount(max_steps * batch * seq_len)} tokens, {data}")
+
+
+def epochs_read(epochs: dict[str, float]) -> str:
+    """How many times each dataset is read through by the end ('' names a single dataset)."""
+    def times(e: float) -> str:
+        return f"{e:,.0f}" if e >= 100 else f"{e:.3g}"
+
+    if list(epochs) == [""]:
+        return f"{times(epochs[''])} epochs of the data"
+    return "epochs of each dataset: " + ", ".join(f"{label} {times(e)}" for label, e in epochs.items())
+
+
+def check(config: RunConfig, world_size: int) -> str:
+    """hope-train --check: the plan line of `config` on `world_size` ranks (ConfigError, DataError
+    as the trainer would raise them)."""
+    import torch
+
+    from data_pipeline.corpus import corpus_root
+    from data_pipeline.mixture import PERIOD, dataset_labels, slot_counts
+    from data_pipeline.shards import read_manifest
+    from hope import HopeForCausalLM
+
+    d, t = config.data, config.train
+    ds = resolve_batch(config.deepspeed, world_size, config.source)
+    model_config = load_model_config(config.model, config.source)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in HopeForCausalLM(model_config).parameters())
+    line = functools.partial(plan_line, config.model.config, n_params, world_size, ds, d.seq_len, t.max_steps)
+    sources = d.mixture or {d.path: 1.0}
+    if list(sources) == ["default"]:  # the embedded corpus: known once a run has prepared it
+        prepared = corpus_root(d.cache_dir, d.vocab_size) / "shards"
+        if not (prepared / "manifest.json").exists():
+            return line("the embedded corpus (prepared by the first run)")
+        sources = {str(prepared): 1.0}
+    positions = t.max_steps * ds["train_batch_size"]
+    labels = dataset_labels(list(sources)) if len(sources) > 1 else [""]
+    epochs = {}
+    for label, location, share in zip(labels, sources, slot_counts(list(sources.values())) / PERIOD):
+        manifest = read_manifest(location)[2]
+        if manifest.vocab_size > model_config.vocab_size:
+            raise ConfigError(f"{config.source}: {location}: tokenizer vocabulary {manifest.vocab_size} is larger "
+                              f"than the model's vocab_size {model_config.vocab_size}")
+        samples = sum(s.num_tokens for s in manifest.split_shards("train")) // (d.seq_len + 1)
+        epochs[label] = share * positions / max(samples, 1)
+    return line(epochs_read(epochs))
