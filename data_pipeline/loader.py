@@ -37,7 +37,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.mixture import MixturePattern
 from data_pipeline.order import EpochPermutation
 from data_pipeline.packed import PackedSplit
-from data_pipeline.shards import SPLITS, read_manifest
+from data_pipeline.shards import SPLITS, Manifest, read_manifest
 
 STATE_KEYS = ("seed", "epoch", "samples_consumed", "fingerprint")  # required; "phase_start", "reads", "left" since 2026-12
 
@@ -55,9 +55,14 @@ def _entry(location: str, manifest: str, reads: int) -> dict:
     return {"dataset": _key(location), "manifest": manifest, "reads": int(reads)}
 
 
+def _count(value) -> bool:
+    """An int >= 0 that int64 positions hold (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
 def _valid_entry(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("dataset"), str) and isinstance(entry.get("manifest"), str)
-            and isinstance(entry.get("reads"), int) and entry["reads"] >= 0)
+            and _count(entry.get("reads")))
 
 
 class _Dataset:
@@ -101,7 +106,7 @@ class TokenLoader:
         self.pattern = MixturePattern(list(weights.values()))
         self.datasets = [_Dataset(location, split, seq_len + 1, seed, cache_dir) for location in weights]
         self.manifest = self.datasets[0].manifest
-        _check_same_tokenizer(self.datasets)
+        check_same_tokenizer([(d.location, d.manifest) for d in self.datasets])
         self.data_dir = ", ".join(weights)
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
@@ -167,7 +172,7 @@ class TokenLoader:
 
     def _reads_before(self, position: int) -> np.ndarray:
         """Each dataset's reads in the stream positions [0, position)."""
-        return self._phase_reads + self.pattern.reads_before(position - self._phase_start)
+        return self._phase_reads + self.pattern.reads_before(max(position - self._phase_start, 0))
 
     def planned_epochs(self, position: int) -> list[float]:
         """How many times each dataset has been read through by stream position `position` (its reads
@@ -187,6 +192,8 @@ class TokenLoader:
                 "left": self._left}
 
     def load_state_dict(self, state: dict, allow_changed_manifest: bool = False) -> None:
+        if not isinstance(state, dict):
+            raise DataError(f"loader state: {type(state).__name__}, expected a mapping with keys {list(STATE_KEYS)}")
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise DataError(f"loader state: missing key {missing[0]!r} (expected keys {list(STATE_KEYS)})")
@@ -200,7 +207,7 @@ class TokenLoader:
             raise DataError(f"loader state: seed {state['seed']} in the checkpoint, but this loader has seed "
                             f"{self.seed}; resume with the checkpoint's seed")
         consumed = state["samples_consumed"]
-        if not isinstance(consumed, int) or consumed < 0:
+        if not _count(consumed):
             raise DataError(f"loader state: samples_consumed {consumed!r}, expected an int >= 0")
         phase_start, base, left, self.data_change = self._phase_from(state, consumed)
         self._drop_pending()
@@ -217,7 +224,7 @@ class TokenLoader:
             if not (isinstance(entries, list) and all(_valid_entry(e) for e in entries)):
                 raise DataError(f"loader state: {key} {entries!r}, expected a list of "
                                 "{'dataset': path, 'manifest': fingerprint, 'reads': int >= 0}")
-        if not isinstance(phase_start, int) or not 0 <= phase_start <= consumed:
+        if not _count(phase_start) or phase_start > consumed:
             raise DataError(f"loader state: phase_start {phase_start!r}, expected an int in [0, samples_consumed]")
         zeros = np.zeros(len(self.datasets), dtype=np.int64)
         same = state["fingerprint"] == self.fingerprint
@@ -232,16 +239,18 @@ class TokenLoader:
             return phase_start, base, left, None
         # changed data (allowed): the new pattern starts here, each dataset going on from its own reads,
         # found by its path, else by its manifest (moved), else as the one dataset replacing the one before
-        unmatched, base, said = reads + left, [], []
-        for d in self.datasets:
-            found = (next((e for e in unmatched if e["dataset"] == _key(d.location)), None)
-                     or next((e for e in unmatched if e["manifest"] == d.manifest.fingerprint), None)
-                     or (reads[0] if len(self.datasets) == len(reads) == 1 else None))
-            if found is not None:
-                unmatched.remove(found)
-            base.append(found["reads"] if found is not None else 0)
-            said.append(f"{d.location} at read {base[-1]}" + ("" if found is not None else " (new)"))
-        return consumed, np.array(base, dtype=np.int64), unmatched, "data changed, each dataset goes on: " + ", ".join(said)
+        unmatched, found = reads + left, [None] * len(self.datasets)
+        rules = (lambda d, e: e["dataset"] == _key(d.location), lambda d, e: e["manifest"] == d.manifest.fingerprint,
+                 lambda d, e: len(self.datasets) == len(reads) == 1 and e is reads[0])
+        for rule in rules:  # every dataset by its path first, then by its manifest, then one for one
+            for i, d in enumerate(self.datasets):
+                if found[i] is None:
+                    found[i] = next((e for e in unmatched if rule(d, e)), None)
+                    if found[i] is not None:
+                        unmatched.remove(found[i])
+        base = np.array([0 if e is None else e["reads"] for e in found], dtype=np.int64)
+        said = [f"{d.location} at read {k}" + (" (new)" if e is None else "") for d, k, e in zip(self.datasets, base, found)]
+        return consumed, base, unmatched, "data changed, each dataset goes on: " + ", ".join(said)
 
     def reset(self) -> None:
         """Back to the start of the stream (validation: the same batches at every evaluation)."""
@@ -286,14 +295,15 @@ def _fingerprint(datasets: list[_Dataset], pattern: MixturePattern) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _check_same_tokenizer(datasets: list[_Dataset]) -> None:
-    """DataError unless every dataset of a mixture was tokenized alike (same ids for the same text)."""
-    first = datasets[0]
-    for other in datasets[1:]:
-        a, b = first.manifest.tokenizer, other.manifest.tokenizer
+def check_same_tokenizer(datasets: list[tuple[str, Manifest]]) -> None:
+    """DataError unless every dataset (location, manifest) of a mixture was tokenized alike (same ids
+    for the same text)."""
+    first, a = datasets[0][0], datasets[0][1].tokenizer
+    for other, other_manifest in datasets[1:]:
+        b = other_manifest.tokenizer
         if (a.fingerprint, a.vocab_size, a.eos_id) != (b.fingerprint, b.vocab_size, b.eos_id):
-            raise DataError(f"{other.location}: tokenized with {b.path} (sha256 {b.fingerprint}, vocabulary "
-                            f"{b.vocab_size}), but {first.location} with {a.path} (sha256 {a.fingerprint}, "
+            raise DataError(f"{other}: tokenized with {b.path} (sha256 {b.fingerprint}, vocabulary "
+                            f"{b.vocab_size}), but {first} with {a.path} (sha256 {a.fingerprint}, "
                             f"vocabulary {a.vocab_size}); a mixture's datasets need one tokenizer")
 
 

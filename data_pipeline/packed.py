@@ -30,17 +30,23 @@ from data_pipeline.storage import atomic_write_local, is_local, join
 DEFAULT_CACHE = Path(os.environ.get("HOPE_DATA_CACHE", Path.home() / ".cache" / "hope-data" / "shards"))
 
 
+def split_samples(manifest: Manifest, split: str, width: int, directory: str) -> int:
+    """The samples of `width` tokens in a split (from its manifest); DataError if there is none."""
+    num_tokens = sum(s.num_tokens for s in manifest.split_shards(split))
+    if num_tokens < width:
+        hint = " (`hope-data tokenize --validation-fraction` sets its share)" if split == "validation" else ""
+        raise DataError(f"{join(directory, 'manifest.json')}: split {split!r} has {num_tokens} tokens, "
+                        f"fewer than one sample of seq_len + 1 = {width}{hint}")
+    return num_tokens // width
+
+
 class PackedSplit:
     def __init__(self, fs, directory: str, manifest: Manifest, split: str, width: int,
                  cache_dir: str | Path | None = None):
         self.fs, self.directory, self.manifest, self.width = fs, directory, manifest, width
         self.shards: list[ShardInfo] = manifest.split_shards(split)
         self.num_tokens = sum(s.num_tokens for s in self.shards)
-        self.num_samples = self.num_tokens // width
-        if self.num_samples == 0:
-            hint = " (`hope-data tokenize --validation-fraction` sets its share)" if split == "validation" else ""
-            raise DataError(f"{join(directory, 'manifest.json')}: split {split!r} has {self.num_tokens} tokens, "
-                            f"fewer than one sample of seq_len + 1 = {width}{hint}")
+        self.num_samples = split_samples(manifest, split, width, directory)
         self._starts = np.cumsum([0] + [s.num_tokens for s in self.shards]).tolist()
         self._dtype = token_dtype(manifest.vocab_size)
         self._cache = Path(cache_dir or DEFAULT_CACHE) / manifest.fingerprint

@@ -107,7 +107,16 @@ def test_check_plans_a_run_for_any_world_size_without_starting_it(tmp_path, caps
                    f"1 = 8 sequences of 32 = 256 tokens/step | 10 steps = 2,560 tokens, {80 / samples:.3g} epochs of the data\n")
     mixture = f"data.mixture={{{web}: 3, {code}: 1}}"
     assert main([str(path), "--check", "--world-size", "2", "--set", "data.path=default", "--set", mixture]) == 0
-    assert f"epochs of each dataset: web {60 / 2 / samples:.3g}, code {20 / 2 / samples:.3g}\n" in capsys.readouterr().out
+    assert f"epochs of each dataset: web {30 / samples:.3g}, code {10 / samples:.3g}\n" in capsys.readouterr().out
+    # what the trainer's loaders would refuse at their start, --check refuses too
+    other = str(write_dataset(tmp_path / "other", vocab=4096, tokenizer_sha="e" * 16))
+    no_validation = str(write_dataset(tmp_path / "no-validation", vocab=4096, valid_sizes=()))
+    for data, message in ((f"data.mixture={{{web}: 1, {other}: 1}}", "a mixture's datasets need one tokenizer"),
+                          (f"data.mixture={{{web}: 1, {no_validation}: 1}}", "split 'validation' has 0 tokens"),
+                          ("data.seq_len=100000", "split 'train' has")):
+        assert main([str(path), "--check", "--set", "data.path=default" if "mixture" in data else "data.seq_len=32",
+                     "--set", data, "--set", "model.max_position_embeddings=100000"]) == 2, data
+        assert message in capsys.readouterr().err, data
     fixed = write(tmp_path, {**BASE, "deepspeed": {**BASE["deepspeed"], "train_batch_size": 8}}, "fixed.yaml")
     assert main([str(fixed), "--check", "--world-size", "3"]) == 2
     assert "deepspeed.train_batch_size: expected a multiple of micro batch 2 x 3 ranks, got 8" in capsys.readouterr().err

@@ -190,18 +190,36 @@ def test_a_state_from_before_the_reads_were_kept_resumes_as_it_did(mixture):
         assert loader.data_change == "data changed: the position carries over" and loader.state_dict()["phase_start"] == 0
 
 
+def test_changed_data_matches_every_path_before_any_manifest(tmp_path, mixture):
+    import shutil
+
+    big, small = mixture
+    _, state = stream(mixture, 10)
+    copy = tmp_path / "copy-of-small"
+    shutil.copytree(small, copy)
+    with TokenLoader({str(copy): 1, small: 1}, SEQ, 8, 0, 1, seed=4) as loader:
+        loader.load_state_dict(state, allow_changed_manifest=True)  # small by its path, the copy is new
+        assert loader.data_change.endswith(f"{copy} at read 0 (new), {small} at read 20")
+        assert loader.planned_epochs(0) == [0.0, 20 / 50]  # before the change: the reads so far
+
+
 @pytest.mark.parametrize("change, message", [
     ({"phase_start": 999}, r"phase_start 999, expected an int in \[0, samples_consumed\]"),
     ({"reads": [["x", -1]]}, r"reads \[\['x', -1\]\], expected a list of \{'dataset': path"),
     ({"left": [{"dataset": "x", "manifest": "y", "reads": -1}]}, "left .*expected a list"),
     ({"reads": [{"dataset": "a", "manifest": "m", "reads": 0}] * 2}, "do not fit samples_consumed 80"),
     ({"reads": [{"dataset": "a", "manifest": "m", "reads": 0}]}, "do not fit samples_consumed 80"),
+    ({"reads": [{"dataset": "a", "manifest": "m", "reads": 2**63}] * 2}, "expected a list of"),
+    ({"samples_consumed": True}, "samples_consumed True, expected an int >= 0"),
+    ({"phase_start": -1}, "phase_start -1"),
 ])
 def test_a_state_whose_reads_do_not_fit_is_refused(mixture, change, message):
     _, state = stream(mixture, 10)
     with TokenLoader(mixture, SEQ, 8, 0, 1, seed=4) as loader:
         with pytest.raises(DataError, match=message):
             loader.load_state_dict({**state, **change})
+        with pytest.raises(DataError, match="loader state: NoneType, expected a mapping"):
+            loader.load_state_dict(None)
 
 
 def test_validation_mixes_the_validation_splits_alike(mixture):

@@ -182,6 +182,9 @@ def test_sigkill_and_restart_repeats_the_uninterrupted_run(workdir, reference, s
     assert rc == 0, output[-3000:]
     assert f"resumed from {run_dir / 'checkpoints'}" in output
     assert_same_steps(records(run_dir), reference[1], LOSS_TOLERANCE)
+    # the parameters are counted before ZeRO-3 partitions them
+    plan = re.compile(r"model tiny: ([\d,.]+M?) parameters")
+    assert plan.search(output).group(1) == plan.search(reference[2]).group(1)
 
 
 def test_sigkill_and_restart_with_m3_repeats_the_uninterrupted_run(workdir):

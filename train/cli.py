@@ -13,6 +13,12 @@ import os
 import sys
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hope-train", description="Pretrain HOPE on DeepSpeed ZeRO.")
     parser.add_argument("config", help="run config YAML (e.g. configs/train/tiny-cpu.yaml)")
@@ -20,13 +26,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="only check the config and print the run's plan (model, batch, tokens, epochs of the "
                              "data) for --world-size ranks; starts nothing")
-    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+    parser.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
                         help="with --check: the number of ranks (GPUs) to plan for (default: $WORLD_SIZE or 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (YAML scalar), e.g. --set deepspeed.zero_optimization.stage=3")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.world_size is not None and not args.check:
+        parser.error("--world-size goes with --check (a run takes its world size from its launcher)")
+    if args.check and args.world_size is None:
+        try:
+            args.world_size = _positive_int(os.environ.get("WORLD_SIZE", "1"))
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"$WORLD_SIZE: {error}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from .plan import check
 
-        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
         try:
-            line = check(config, world_size)
+            line = check(config, args.world_size)
         except (ConfigError, DataError) as error:
             print(f"hope-train: error: {error}", file=sys.stderr)
             return 2

@@ -39,7 +39,9 @@ def check(config: RunConfig, world_size: int) -> str:
     import torch
 
     from data_pipeline.corpus import corpus_root
-    from data_pipeline.mixture import PERIOD, dataset_labels, slot_counts
+    from data_pipeline.loader import check_same_tokenizer
+    from data_pipeline.mixture import MixturePattern, dataset_labels
+    from data_pipeline.packed import split_samples
     from data_pipeline.shards import read_manifest
     from hope import HopeForCausalLM
 
@@ -55,14 +57,17 @@ def check(config: RunConfig, world_size: int) -> str:
         if not (prepared / "manifest.json").exists():
             return line("the embedded corpus (prepared by the first run)")
         sources = {str(prepared): 1.0}
-    positions = t.max_steps * ds["train_batch_size"]
-    labels = dataset_labels(list(sources)) if len(sources) > 1 else [""]
-    epochs = {}
-    for label, location, share in zip(labels, sources, slot_counts(list(sources.values())) / PERIOD):
-        manifest = read_manifest(location)[2]
+    # what the trainer's loaders check when they open: one tokenizer, a vocabulary the model holds,
+    # a sample or more in both splits
+    manifests = [(location, read_manifest(location)) for location in sources]
+    check_same_tokenizer([(location, manifest) for location, (_, _, manifest) in manifests])
+    samples = []
+    for location, (_, directory, manifest) in manifests:
         if manifest.vocab_size > model_config.vocab_size:
             raise ConfigError(f"{config.source}: {location}: tokenizer vocabulary {manifest.vocab_size} is larger "
                               f"than the model's vocab_size {model_config.vocab_size}")
-        samples = sum(s.num_tokens for s in manifest.split_shards("train")) // (d.seq_len + 1)
-        epochs[label] = share * positions / max(samples, 1)
-    return line(epochs_read(epochs))
+        samples.append(split_samples(manifest, "train", d.seq_len + 1, directory))
+        split_samples(manifest, "validation", d.seq_len + 1, directory)
+    reads = MixturePattern(list(sources.values())).reads_before(t.max_steps * ds["train_batch_size"])
+    labels = dataset_labels(list(sources)) if len(sources) > 1 else [""]
+    return line(epochs_read({label: k / n for label, k, n in zip(labels, reads, samples)}))

@@ -113,6 +113,7 @@ class Trainer:
         from hope import HopeForCausalLM
 
         model = HopeForCausalLM(self.model_config)
+        self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         if t.compile:
             self._log_main(f"compiling {compile_blocks(model)} blocks (at the first step, and again for validation)")
         optimizer = build_optimizer(model, config.optimizer, self.ds_config, self.tokens_per_step)
@@ -125,7 +126,6 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self.flops_per_token = self.model_config.flops_per_token(d.seq_len)
         self.peak_flops = device_peak_flops(self.world.device, t.peak_tflops)
-        self.n_params = sum(p.numel() for p in model.parameters())
 
     def _plan(self) -> str:
         """The run in one line (train/plan.py), the epochs counting the reads so far."""
