@@ -231,9 +231,9 @@ class TokenLoader:
         if not reads:  # the position alone carries over (with changed data: each dataset at its pattern's read)
             return (phase_start if same else 0), zeros, [], None if same else "data changed: the position carries over"
         if same:  # the same datasets and shares, in order: the pattern goes on
-            base = np.array([e["reads"] for e in reads]) - (self.pattern.reads_before(consumed - phase_start)
-                                                            if len(reads) == len(self.datasets) else 0)
-            if len(reads) != len(self.datasets) or (base < 0).any():
+            fits = len(reads) == len(self.datasets)
+            base = np.array([e["reads"] for e in reads]) - self.pattern.reads_before(consumed - phase_start) if fits else None
+            if not fits or (base < 0).any():
                 raise DataError(f"loader state: reads {reads!r} do not fit samples_consumed {consumed} and "
                                 f"phase_start {phase_start} of this mixture")
             return phase_start, base, left, None
@@ -261,10 +261,7 @@ class TokenLoader:
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """DataError unless every token id of this dataset fits the model's embedding."""
-        if model_vocab_size < self.vocab_size:
-            raise DataError(f"{self.data_dir}: tokenizer vocabulary is {self.vocab_size} "
-                            f"({self.manifest.tokenizer.path}), larger than the model's vocab_size "
-                            f"{model_vocab_size}")
+        check_model_vocab(self.data_dir, self.manifest, model_vocab_size)
 
     def _drop_pending(self) -> None:
         for _, future in self._pending:
@@ -293,6 +290,13 @@ def _fingerprint(datasets: list[_Dataset], pattern: MixturePattern) -> str:
         return datasets[0].manifest.fingerprint
     parts = [[d.manifest.fingerprint, int(n)] for d, n in zip(datasets, pattern.counts)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def check_model_vocab(location: str, manifest: Manifest, model_vocab_size: int) -> None:
+    """DataError unless every token id of the dataset at `location` fits the model's embedding."""
+    if model_vocab_size < manifest.vocab_size:
+        raise DataError(f"{location}: tokenizer vocabulary is {manifest.vocab_size} ({manifest.tokenizer.path}), "
+                        f"larger than the model's vocab_size {model_vocab_size}")
 
 
 def check_same_tokenizer(datasets: list[tuple[str, Manifest]]) -> None:

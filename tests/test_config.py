@@ -111,7 +111,9 @@ def test_check_plans_a_run_for_any_world_size_without_starting_it(tmp_path, caps
     # what the trainer's loaders would refuse at their start, --check refuses too
     other = str(write_dataset(tmp_path / "other", vocab=4096, tokenizer_sha="e" * 16))
     no_validation = str(write_dataset(tmp_path / "no-validation", vocab=4096, valid_sizes=()))
+    large = str(write_dataset(tmp_path / "large-vocabulary", vocab=50000))
     for data, message in ((f"data.mixture={{{web}: 1, {other}: 1}}", "a mixture's datasets need one tokenizer"),
+                          (f"data.path={large}", "tokenizer vocabulary is 50000 (synthetic), larger than the model's"),
                           (f"data.mixture={{{web}: 1, {no_validation}: 1}}", "split 'validation' has 0 tokens"),
                           ("data.seq_len=100000", "split 'train' has")):
         assert main([str(path), "--check", "--set", "data.path=default" if "mixture" in data else "data.seq_len=32",

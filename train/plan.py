@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from .config import ConfigError, RunConfig, load_model_config, resolve_batch
+from .config import RunConfig, load_model_config, resolve_batch
 from .metrics import amount
 
 
@@ -39,7 +39,7 @@ def check(config: RunConfig, world_size: int) -> str:
     import torch
 
     from data_pipeline.corpus import corpus_root
-    from data_pipeline.loader import check_same_tokenizer
+    from data_pipeline.loader import check_model_vocab, check_same_tokenizer
     from data_pipeline.mixture import MixturePattern, dataset_labels
     from data_pipeline.packed import split_samples
     from data_pipeline.shards import read_manifest
@@ -63,9 +63,7 @@ def check(config: RunConfig, world_size: int) -> str:
     check_same_tokenizer([(location, manifest) for location, (_, _, manifest) in manifests])
     samples = []
     for location, (_, directory, manifest) in manifests:
-        if manifest.vocab_size > model_config.vocab_size:
-            raise ConfigError(f"{config.source}: {location}: tokenizer vocabulary {manifest.vocab_size} is larger "
-                              f"than the model's vocab_size {model_config.vocab_size}")
+        check_model_vocab(location, manifest, model_config.vocab_size)
         samples.append(split_samples(manifest, "train", d.seq_len + 1, directory))
         split_samples(manifest, "validation", d.seq_len + 1, directory)
     reads = MixturePattern(list(sources.values())).reads_before(t.max_steps * ds["train_batch_size"])

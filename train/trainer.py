@@ -129,10 +129,8 @@ class Trainer:
 
     def _plan(self) -> str:
         """The run in one line (train/plan.py), the epochs counting the reads so far."""
-        from data_pipeline.mixture import dataset_labels
-
         epochs = self.loader.planned_epochs(self.config.train.max_steps * self.global_batch)
-        labels = dataset_labels([d.location for d in self.loader.datasets]) if len(epochs) > 1 else [""]
+        labels = self.val_loaders  # the datasets' labels, in the loader's order ('' for a single one)
         return plan_line(self.config.model.config, self.n_params, self.world.size, self.ds_config,
                          self.config.data.seq_len, self.config.train.max_steps, epochs_read(dict(zip(labels, epochs))))
 
