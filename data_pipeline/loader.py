@@ -16,6 +16,11 @@ dataset's reads so far and where the current mixture took over (`phase_start`): 
 other weights (allow_changed_manifest) starts the new pattern there, every dataset going on from
 its own next read, so none repeats or skips a sample of its epoch across the change.
 
+With `shuffle_window_shards` K > 0 each dataset's epoch reads a window of K shards at a time
+(data_pipeline/order.py, WindowedOrder) instead of drawing from all of it: a remote dataset's
+local cache then holds the current window's shards, the previous one's and the next one's
+(arriving in the background), not the whole dataset.
+
 Background threads build the next `prefetch` batches while the trainer computes (numpy copies
 out of memory-mapped shards release the GIL, and remote shards are cached locally).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +41,7 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.mixture import MixturePattern
-from data_pipeline.order import EpochPermutation
+from data_pipeline.order import EpochPermutation, WindowedOrder
 from data_pipeline.packed import PackedSplit
 from data_pipeline.shards import SPLITS, Manifest, read_manifest
 
@@ -66,30 +72,74 @@ def _valid_entry(entry) -> bool:
 
 
 class _Dataset:
-    """One dataset's split: its samples and its stream, read k = sample perm(seed, k // N)(k % N)."""
+    """One dataset's split: its samples and its stream, read k = sample order(seed, k // N)(k % N),
+    the order a permutation of the whole split or, with `window` > 0, of a window of shards at a time."""
 
-    def __init__(self, location: str, split: str, width: int, seed: int, cache_dir):
+    def __init__(self, location: str, split: str, width: int, seed: int, cache_dir, window: int = 0):
         self.location = location
         fs, directory, self.manifest = read_manifest(location)
-        self.samples = PackedSplit(fs, directory, self.manifest, split, width, cache_dir)
+        # in windows, each shard is packed on its own: a window's samples need no shard outside it
+        self.samples = PackedSplit(fs, directory, self.manifest, split, width, cache_dir, per_shard=window > 0)
         self.num_samples: int = self.samples.num_samples
-        self.seed = seed
-        self._permutations: dict[int, EpochPermutation] = {}
+        self.seed, self.window = seed, window
+        self._orders: dict[int, EpochPermutation | WindowedOrder] = {}
+        self._lock = threading.Lock()
+        self._window_read: tuple[int, int] | None = None  # (epoch, window) the latest batch read
+        if not window:  # every batch may need any shard: copy them all, in manifest order
+            self.samples.read_ahead(range(len(self.samples.shards)))
 
     def read(self, reads: np.ndarray) -> np.ndarray:
         """The tokens [len(reads), width] of this dataset's reads number `reads` (its own stream)."""
         epochs, within = np.divmod(reads, self.num_samples)
+        if self.window:
+            self._follow(*divmod(int(reads.max()), self.num_samples))
         samples = np.empty_like(reads)
         for epoch in np.unique(epochs).tolist():
             chosen = epochs == epoch
-            samples[chosen] = self._permutation(epoch)(within[chosen])
+            samples[chosen] = self._order(epoch)(within[chosen])
         return self.samples.read(samples)
 
-    def _permutation(self, epoch: int) -> EpochPermutation:
-        if epoch not in self._permutations:  # keep the previous epoch's too: a batch may span both
-            self._permutations = {epoch: EpochPermutation(self.num_samples, self.seed, epoch)} | {
-                e: p for e, p in self._permutations.items() if e >= epoch - 1}
-        return self._permutations[epoch]
+    def _order(self, epoch: int) -> EpochPermutation | WindowedOrder:
+        if epoch not in self._orders:  # keep the previous epoch's too: a batch may span both
+            order = (WindowedOrder(self.samples.first_sample, self.window, self.seed, epoch) if self.window
+                     else EpochPermutation(self.num_samples, self.seed, epoch))
+            self._orders = {epoch: order} | {e: o for e, o in self._orders.items() if e >= epoch - 1}
+        return self._orders[epoch]
+
+    def _follow(self, epoch: int, position: int) -> None:
+        """The cache follows the window of the latest read: its shards, the window before (batches
+        still being read) and the next one, copied ahead. It moves forward only (threads building
+        later batches may finish first); `rewind` lets it go back."""
+        w = int(self._order(epoch).window_of(position))
+        with self._lock:  # quick: removing files and queueing copies
+            if self._window_read is not None and (epoch, w) <= self._window_read:
+                return
+            self._window_read = (epoch, w)
+            keep, ahead = self.window_cache(epoch, w)
+            self.samples.keep_only(keep)
+            self.samples.read_ahead(ahead)
+
+    def window_cache(self, epoch: int, w: int) -> tuple[list[int], list[int]]:
+        """(the shards kept, those copied ahead, in reading order) while the reads are in window w
+        of the epoch; shards without a sample are left out."""
+        first = self.samples.first_sample
+        now, before, after = ([k for k in self._window_shards(epoch, w + d) if first[k + 1] > first[k]]
+                              for d in (0, -1, 1))
+        return now + before + after, now + after
+
+    def _window_shards(self, epoch: int, w: int) -> list[int]:
+        """Window w of the epoch's order; w = -1 and w = its window count step into the epochs around it."""
+        order = self._order(epoch)
+        if w < 0:
+            return self._window_shards(epoch - 1, self._order(epoch - 1).num_windows - 1) if epoch > 0 else []
+        if w >= order.num_windows:
+            return self._order(epoch + 1).shards(0).tolist()
+        return order.shards(w).tolist()
+
+    def rewind(self) -> None:
+        """The stream jumped back (a reset, a resume): let the cache follow from wherever it is read next."""
+        with self._lock:
+            self._window_read = None
 
 
 class TokenLoader:
@@ -100,11 +150,15 @@ class TokenLoader:
 
     def __init__(self, data_dir: str | Path | Mapping[str, float], seq_len: int, global_batch_size: int, rank: int,
                  world_size: int, seed: int, split: str = "train", num_workers: int = 1, prefetch: int = 4,
-                 cache_dir: str | Path | None = None, expected_vocab_size: int | None = None):
-        _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_workers, prefetch)
+                 cache_dir: str | Path | None = None, expected_vocab_size: int | None = None,
+                 shuffle_window_shards: int = 0):
+        _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_workers, prefetch,
+                         shuffle_window_shards)
         weights = {str(k): w for k, w in data_dir.items()} if isinstance(data_dir, Mapping) else {str(data_dir): 1}
         self.pattern = MixturePattern(list(weights.values()))
-        self.datasets = [_Dataset(location, split, seq_len + 1, seed, cache_dir) for location in weights]
+        self.shuffle_window_shards = shuffle_window_shards
+        self.datasets = [_Dataset(location, split, seq_len + 1, seed, cache_dir, shuffle_window_shards)
+                         for location in weights]
         self.manifest = self.datasets[0].manifest
         check_same_tokenizer([(d.location, d.manifest) for d in self.datasets])
         self.data_dir = ", ".join(weights)
@@ -112,7 +166,7 @@ class TokenLoader:
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.local_batch_size = global_batch_size // world_size
         self.vocab_size: int = self.manifest.vocab_size
-        self.fingerprint: str = _fingerprint(self.datasets, self.pattern)
+        self.fingerprint: str = _fingerprint(self.datasets, self.pattern, shuffle_window_shards)
         if expected_vocab_size is not None:
             self.check_model_vocab(expected_vocab_size)
         self.num_samples: int = sum(d.num_samples for d in self.datasets)
@@ -211,6 +265,8 @@ class TokenLoader:
             raise DataError(f"loader state: samples_consumed {consumed!r}, expected an int >= 0")
         phase_start, base, left, self.data_change = self._phase_from(state, consumed)
         self._drop_pending()
+        for dataset in self.datasets:
+            dataset.rewind()
         self._samples_consumed = consumed
         self._phase_start, self._phase_reads, self._left = phase_start, base, left
         self._fill_pending()
@@ -255,6 +311,8 @@ class TokenLoader:
     def reset(self) -> None:
         """Back to the start of the stream (validation: the same batches at every evaluation)."""
         self._drop_pending()
+        for dataset in self.datasets:
+            dataset.rewind()
         self._samples_consumed = 0
         self._phase_start, self._phase_reads[:] = 0, 0
         self._fill_pending()
@@ -283,12 +341,14 @@ class TokenLoader:
         self.close()
 
 
-def _fingerprint(datasets: list[_Dataset], pattern: MixturePattern) -> str:
+def _fingerprint(datasets: list[_Dataset], pattern: MixturePattern, window: int) -> str:
     """The dataset's manifest fingerprint; a mixture's covers its datasets and their shares (other
-    weights are another stream)."""
-    if len(datasets) == 1:
+    weights are another stream), and a shuffle window its size (another order)."""
+    if len(datasets) == 1 and not window:
         return datasets[0].manifest.fingerprint
     parts = [[d.manifest.fingerprint, int(n)] for d, n in zip(datasets, pattern.counts)]
+    if window:
+        parts.append(["shuffle_window_shards", window])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -311,7 +371,7 @@ def check_same_tokenizer(datasets: list[tuple[str, Manifest]]) -> None:
                             f"vocabulary {a.vocab_size}); a mixture's datasets need one tokenizer")
 
 
-def _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_workers, prefetch) -> None:
+def _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_workers, prefetch, window) -> None:
     def fail(name, value, expected):
         raise DataError(f"TokenLoader {name}={value!r}: expected {expected}")
 
@@ -327,3 +387,5 @@ def _check_arguments(seq_len, global_batch_size, rank, world_size, split, num_wo
         fail("split", split, f"one of {SPLITS}")
     if num_workers < 0 or prefetch < 1:
         fail("num_workers/prefetch", (num_workers, prefetch), "num_workers >= 0 and prefetch >= 1")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        fail("shuffle_window_shards", window, "an int >= 0 (0: shuffle the whole split)")

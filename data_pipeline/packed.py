@@ -3,13 +3,17 @@
 The split's shards (manifest order) form one token stream; sample i is tokens
 [i * width, (i + 1) * width) of it, width = seq_len + 1. Samples do not overlap, so every token
 of the split is in exactly one sample (the last, shorter-than-width tail is left out).
+Packed per shard instead (`per_shard`, for reading a window of shards at a time: a sample then
+needs no other shard than its own), each shard is cut into samples on its own and its last
+< width tokens are left out (2,048 of a 100M-token shard at seq 2048: 0.002%).
 
 Local shards are memory-mapped. Shards on a remote store (s3://, gs://, hf://, memory://...) are
 first copied whole into a local cache (checksum checked on the way, temp name then rename, so a
 crash never leaves a bad cache entry) and then memory-mapped; each rank reads random samples from
-every shard, so whole-shard caching is what makes remote reads fast. A background thread copies
-the shards in manifest order from the start (read-ahead); a batch that needs a shard not yet
-copied fetches that one at once.
+many shards, so whole-shard caching is what makes remote reads fast. The reader says which shards
+to copy ahead (`read_ahead`: a few background threads fetch them in that order) and which to keep
+(`keep_only`: the others this process opened leave the cache); a batch that needs a shard not
+copied yet (or evicted, also by another rank of the node) fetches it at once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import fcntl
 import hashlib
 import os
 import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,48 +34,95 @@ from data_pipeline.shards import HEADER_SIZE, Manifest, ShardInfo, decode_header
 from data_pipeline.storage import atomic_write_local, is_local, join
 
 DEFAULT_CACHE = Path(os.environ.get("HOPE_DATA_CACHE", Path.home() / ".cache" / "hope-data" / "shards"))
+READ_AHEAD_THREADS = 4  # concurrent shard downloads: one stream rarely fills a node's link to object storage
 
 
-def split_samples(manifest: Manifest, split: str, width: int, directory: str) -> int:
-    """The samples of `width` tokens in a split (from its manifest); DataError if there is none."""
-    num_tokens = sum(s.num_tokens for s in manifest.split_shards(split))
-    if num_tokens < width:
+def first_samples(manifest: Manifest, split: str, width: int, directory: str, per_shard: bool = False) -> np.ndarray:
+    """Each shard's first sample, then the split's sample count (from its manifest); DataError if
+    there is no sample. Packed as one stream, a shard's samples are those whose first token is in it."""
+    sizes = np.array([s.num_tokens for s in manifest.split_shards(split)], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    if per_shard:
+        first = np.concatenate([[0], np.cumsum(sizes // width)])
+    else:
+        first = np.minimum(-(-starts // width), starts[-1] // width)
+    if first[-1] == 0:
         hint = " (`hope-data tokenize --validation-fraction` sets its share)" if split == "validation" else ""
-        raise DataError(f"{join(directory, 'manifest.json')}: split {split!r} has {num_tokens} tokens, "
-                        f"fewer than one sample of seq_len + 1 = {width}{hint}")
-    return num_tokens // width
+        what = f"no shard of split {split!r} holds" if per_shard and starts[-1] >= width else \
+            f"split {split!r} has {starts[-1]} tokens, fewer than"
+        raise DataError(f"{join(directory, 'manifest.json')}: {what} one sample of seq_len + 1 = {width}{hint}"
+                        + (" (windows of shards pack each shard on its own)" if per_shard else ""))
+    return first
+
+
+def split_samples(manifest: Manifest, split: str, width: int, directory: str, per_shard: bool = False) -> int:
+    """The samples of `width` tokens in a split (`first_samples`' count)."""
+    return int(first_samples(manifest, split, width, directory, per_shard)[-1])
 
 
 class PackedSplit:
     def __init__(self, fs, directory: str, manifest: Manifest, split: str, width: int,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, per_shard: bool = False):
         self.fs, self.directory, self.manifest, self.width = fs, directory, manifest, width
         self.shards: list[ShardInfo] = manifest.split_shards(split)
-        self.num_tokens = sum(s.num_tokens for s in self.shards)
-        self.num_samples = split_samples(manifest, split, width, directory)
+        self.per_shard = per_shard
+        # shard k's samples: [first_sample[k], first_sample[k + 1])
+        self.first_sample = first_samples(manifest, split, width, directory, per_shard)
+        self.num_samples = int(self.first_sample[-1])
         self._starts = np.cumsum([0] + [s.num_tokens for s in self.shards]).tolist()
         self._dtype = token_dtype(manifest.vocab_size)
         self._cache = Path(cache_dir or DEFAULT_CACHE) / manifest.fingerprint
         self._arrays: dict[int, np.ndarray] = {}
         self._locks = [threading.Lock() for _ in self.shards]
-        self._stop = threading.Event()
-        if is_local(fs):  # cheap: a header read and a stat per shard, catches truncation up front
+        self.remote = not is_local(fs)
+        self._fetcher = ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="hope-data-cache") if self.remote else None
+        self._queued: set[int] = set()  # shards waiting for or being copied by the fetcher
+        self._keep: set[int] | None = None  # the shards the cache may hold (None: all)
+        if not self.remote:  # cheap: a header read and a stat per shard, catches truncation up front
             for k in range(len(self.shards)):
                 self._array(k)
-        else:
-            threading.Thread(target=self._read_ahead, name="hope-data-cache", daemon=True).start()
 
-    def _read_ahead(self) -> None:
-        for k in range(len(self.shards)):
-            if self._stop.is_set():
-                return
-            try:
-                self._array(k)
-            except DataError:
-                return  # the batch that needs this shard raises the same error in the trainer's thread
+    def read_ahead(self, shards: Iterable[int]) -> None:
+        """Start copying these shards of a remote dataset into the cache, in this order, in the background."""
+        if self._fetcher is None:
+            return
+        for k in shards:
+            if k not in self._arrays and k not in self._queued:
+                self._queued.add(k)
+                self._fetcher.submit(self._fetch, k)
+
+    def _fetch(self, k: int) -> None:
+        if self._keep is not None and k not in self._keep:  # the reader moved on before its turn came
+            self._queued.discard(k)
+            return
+        try:
+            self._array(k)
+        except DataError:
+            pass  # the batch that needs this shard raises the same error in the trainer's thread
+        finally:
+            self._queued.discard(k)
+        if self._keep is not None and k not in self._keep:  # the reader moved on while it was copied
+            self._evict(k)
+
+    def keep_only(self, shards: Iterable[int]) -> None:
+        """Remove from the local cache the shards of a remote dataset that this process opened and
+        that are not in `shards`. A rank still reading one keeps its memory map (the file's blocks
+        are freed when the last map goes); a rank that needs one again fetches it again."""
+        if self._fetcher is None:
+            return
+        self._keep = keep = set(shards)
+        for k in [k for k in list(self._arrays) if k not in keep]:
+            self._evict(k)
+
+    def _evict(self, k: int) -> None:
+        with self._locks[k]:
+            self._arrays.pop(k, None)
+            (self._cache / self.shards[k].name).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self._stop.set()
+        """Cancel the copies not started; wait for those under way (at most READ_AHEAD_THREADS)."""
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------ shard files
     def _array(self, k: int) -> np.ndarray:
@@ -83,13 +136,25 @@ class PackedSplit:
 
     def _open(self, shard: ShardInfo) -> np.ndarray:
         path = join(self.directory, shard.name)
-        local = path if is_local(self.fs) else self._cached_copy(shard, path)
-        try:
-            size = os.path.getsize(local)
-            with open(local, "rb") as f:
-                header = decode_header(f.read(HEADER_SIZE), path)
-        except FileNotFoundError as exc:
-            raise DataError(f"{path}: shard listed in the manifest is missing") from exc
+        if not self.remote:
+            try:
+                return self._map(path, shard, path)
+            except FileNotFoundError as exc:
+                raise DataError(f"{path}: shard listed in the manifest is missing") from exc
+        for attempt in range(3):
+            local = self._cached_copy(shard, path)
+            try:
+                return self._map(local, shard, path)
+            except FileNotFoundError:  # another rank of the node evicted it between the copy and the map
+                continue
+        raise DataError(f"{local}: the cached copy of {path} was removed 3 times before it could be opened "
+                        "(by another process sharing the cache?)")
+
+    def _map(self, local: str, shard: ShardInfo, path: str) -> np.ndarray:
+        """The shard file `local` (a copy of `path`) checked against the manifest and memory-mapped."""
+        size = os.path.getsize(local)
+        with open(local, "rb") as f:
+            header = decode_header(f.read(HEADER_SIZE), path)
         expected = HEADER_SIZE + self._dtype.itemsize * shard.num_tokens
         if size < expected:
             raise DataError(f"{path}: truncated shard, {size} bytes, the manifest expects {expected}")
@@ -128,6 +193,12 @@ class PackedSplit:
     def read(self, sample_indices: np.ndarray) -> np.ndarray:
         """int64 array [len(sample_indices), width] of the samples' tokens."""
         out = np.empty((len(sample_indices), self.width), dtype=np.int64)
+        if self.per_shard:
+            shards = np.searchsorted(self.first_sample, sample_indices, side="right") - 1
+            for row, (sample, k) in enumerate(zip(sample_indices.tolist(), shards.tolist())):
+                begin = (sample - int(self.first_sample[k])) * self.width
+                out[row] = self._array(k)[begin:begin + self.width]
+            return out
         for row, sample in enumerate(sample_indices.tolist()):
             begin, end = sample * self.width, (sample + 1) * self.width
             k = bisect.bisect_right(self._starts, begin) - 1

@@ -68,6 +68,8 @@ def test_set_overrides_any_field_and_nested_deepspeed_keys(tmp_path):
     ("train.warmup_steps=10", "train.warmup_steps: expected fewer than train.max_steps=10, got 10"),
     ("train.no_such_key=1", "train.no_such_key: unknown key"),
     ("data.seq_len=-4", "data.seq_len: expected a positive int, got -4"),
+    ("data.shuffle_window_shards=-2", "data.shuffle_window_shards: expected an int >= 0 (0: shuffle over the whole dataset), got -2"),
+    ("data.shuffle_window_shards=4.5", "data.shuffle_window_shards: expected an int, got 4.5"),
     ("data.seq_len=2048", ("data.seq_len: expected at most the model's max_position_embeddings 1024 "
                            "(raise it with --set model.max_position_embeddings=2048), got 2048")),
     ("data.path=/no/such/shards", "data.path: expected 'default' or a directory of shards (made by hope-data), got '/no/such/shards'"),

@@ -300,9 +300,10 @@ def test_compiled_blocks_train_as_the_eager_model_does(workdir, reference):
 
 
 def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(workdir, reference):
-    """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}; the
-    run resumes on other weights only when the config allows changed data."""
-    from data_pipeline import prepare_default_corpus
+    """One process trains on {the corpus: 0.75, a second dataset of its first documents: 0.25}, each
+    read a window of one shard at a time; the run resumes on other weights only when the config
+    allows changed data."""
+    from data_pipeline import TokenLoader, prepare_default_corpus
     from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
     from train.export import tokenizer_for_run
 
@@ -316,7 +317,7 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     def mixture(share: float) -> str:
         return f"data.mixture={{{prepared.data_dir}: {1 - share}, {second}: {share}}}"
 
-    rc, output = run(workdir, run_dir, "data.path=default", mixture(0.25), nproc=1)
+    rc, output = run(workdir, run_dir, "data.path=default", mixture(0.25), "data.shuffle_window_shards=1", nproc=1)
     assert rc == 0, output[-3000:]
     steps = records(run_dir)
     assert sorted(steps) == list(range(1, MAX_STEPS + 1)) and steps[6]["val_loss"] is not None
@@ -329,6 +330,9 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     state = trainer_state(run_dir)["data_state"]
     assert state["samples_consumed"] == MAX_STEPS * 8
     assert state["fingerprint"] != trainer_state(reference[0])["data_state"]["fingerprint"]
+    windowed = {str(prepared.data_dir): 0.75, str(second): 0.25}
+    with TokenLoader(windowed, 32, 8, 0, 1, seed=0, num_workers=0, shuffle_window_shards=1) as loader:
+        assert state["fingerprint"] == loader.fingerprint  # the run read the windowed order
     run_config = yaml.safe_load((run_dir / "checkpoints" / latest(run_dir) / "config.yaml").read_text())
     tokenizer, why = tokenizer_for_run(run_config, [REPO])
     assert tokenizer is not None, why
@@ -340,7 +344,7 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     assert rc == 2 and f"{no_validation / 'manifest.json'}: split 'validation' has 0 tokens" in output, output[-3000:]
     assert not records(workdir / "no-validation-run")
 
-    longer = ("data.path=default", mixture(0.5), f"train.max_steps={MAX_STEPS + 2}")
+    longer = ("data.path=default", mixture(0.5), f"train.max_steps={MAX_STEPS + 2}", "data.shuffle_window_shards=1")
     rc, output = run(workdir, run_dir, *longer, nproc=1)
     assert rc == 2 and "the manifest or the mixture changed since the checkpoint" in output, output[-3000:]
     assert "data.allow_changed_data: true" in output and "Traceback" not in output

@@ -8,6 +8,10 @@
 2. Loader: samples/s of one TokenLoader rank at seq 2048 and 4096 (random order over memory-mapped
    shards, background threads), against what a 1.3B model consumes on 8 H100s
    (8 x 57K tokens/s / seq_len, all ranks together).
+3. Remote dataset: one rank reading an epoch of a dataset on a simulated object store (fsspec's
+   in-memory filesystem, each download slowed to --remote-mb-s per stream), in the global order
+   and in windows of shards (data.shuffle_window_shards): the wait for the first batch, the local
+   cache's peak and the bytes downloaded.
 """
 
 from __future__ import annotations
@@ -127,6 +131,63 @@ def bench_loader(work: Path, num_tokens: int, seconds: float) -> None:
               f"{needed / GPUS:,.1f} per rank: {rate / (needed / GPUS):,.0f}x headroom")
 
 
+def cached_bytes(cache: Path) -> int:
+    total = 0
+    for path in cache.rglob("*.bin"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # evicted meanwhile
+            pass
+    return total
+
+
+def bench_remote(work: Path, shards: int, shard_tokens: int, mb_per_s: float, windows: list[int]) -> None:
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from data_pipeline import TokenLoader
+
+    local = work / "remote-source"
+    write_random_dataset(local, shards * shard_tokens, shard_tokens=shard_tokens)
+    store = MemoryFileSystem()
+    for path in local.iterdir():
+        store.pipe_file(f"/bench-remote/{path.name}", path.read_bytes())
+    downloaded = [0]
+    original = MemoryFileSystem.cat_file
+
+    def object_store(self, path, start=None, end=None, **kwargs):  # one stream's bandwidth, per download
+        data = original(self, path, start, end, **kwargs)
+        downloaded[0] += len(data)
+        time.sleep(len(data) / (mb_per_s * 1e6))
+        return data
+
+    MemoryFileSystem.cat_file = object_store
+    seq_len, batch, world = 2048, 512, 8  # 1M-token global batches; one rank of 8 reads 64 samples a call
+    size_mb = shards * shard_tokens * 2 / 1e6
+    print(f"remote dataset: {shards} shards of {shard_tokens / 1e6:g}M tokens ({size_mb:,.0f} MB), downloads at "
+          f"{mb_per_s:g} MB/s per stream; one rank of {world}, global batch {batch} x {seq_len}, one epoch "
+          "(the download count includes the next epoch's first window, read ahead)")
+    try:
+        for window in windows:
+            cache = work / f"remote-cache-{window}"
+            downloaded[0], peak = 0, 0
+            start = time.perf_counter()
+            with TokenLoader("memory://bench-remote", seq_len, batch, rank=3, world_size=world, seed=0,
+                             cache_dir=cache, shuffle_window_shards=window) as loader:
+                calls = loader.num_samples // batch
+                for call in range(calls):
+                    next(loader)
+                    if call == 0:
+                        first = time.perf_counter() - start
+                    peak = max(peak, cached_bytes(cache))
+            seconds = time.perf_counter() - start
+            order = f"windows of {window} shards" if window else "global order"
+            print(f"  {order:>20}: first batch after {first:5.2f} s, epoch ({calls} calls) in {seconds:5.1f} s, "
+                  f"cache peak {peak / 1e6:6,.0f} MB ({peak / 1e6 / size_mb:4.0%} of the dataset), "
+                  f"downloaded {downloaded[0] / 1e6:,.0f} MB")
+    finally:
+        MemoryFileSystem.cat_file = original
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text-mb", type=float, default=10.0, help="text for the tokenization benchmark")
@@ -135,11 +196,21 @@ def main() -> None:
                         help="worker process counts to measure `hope-data tokenize` with")
     parser.add_argument("--loader-tokens", type=int, default=100_000_000, help="size of the random loader dataset")
     parser.add_argument("--seconds", type=float, default=3.0, help="time per loader measurement")
+    parser.add_argument("--remote-shards", type=int, default=64, help="shards of the simulated remote dataset")
+    parser.add_argument("--remote-shard-tokens", type=int, default=2_000_000, help="tokens per remote shard")
+    parser.add_argument("--remote-mb-s", type=float, default=100.0, help="simulated download speed per stream")
+    parser.add_argument("--windows", type=int, nargs="+", default=[0, 4, 16],
+                        help="data.shuffle_window_shards values to compare (0: the global order)")
+    parser.add_argument("--only", choices=["tokenize", "loader", "remote"], help="run one part")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as tmp:
-        bench_tokenize(Path(tmp), args.text_mb, args.workers, args.repeats)
-        bench_loader(Path(tmp), args.loader_tokens, args.seconds)
+        if args.only in (None, "tokenize"):
+            bench_tokenize(Path(tmp), args.text_mb, args.workers, args.repeats)
+        if args.only in (None, "loader"):
+            bench_loader(Path(tmp), args.loader_tokens, args.seconds)
+        if args.only in (None, "remote"):
+            bench_remote(Path(tmp), args.remote_shards, args.remote_shard_tokens, args.remote_mb_s, args.windows)
 
 
 if __name__ == "__main__":

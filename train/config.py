@@ -50,6 +50,10 @@ class DataConfig:
     seq_len: int = 64
     # resume a checkpoint whose data differs (shards added, a new mixture): its position carries over
     allow_changed_data: bool = False
+    # 0: each epoch in a random order over the whole dataset; K: a window of K shards at a time (the
+    # shards in a random order, the samples of each window shuffled), so that a remote dataset's
+    # local cache holds 3 windows (the one before, the current one, the next), not the dataset
+    shuffle_window_shards: int = 0
 
 
 @dataclass
@@ -317,6 +321,8 @@ def validate(config: RunConfig) -> None:
         fail("data.seq_len", "a positive int", d.seq_len)
     if d.vocab_size <= 0:
         fail("data.vocab_size", "a positive int", d.vocab_size)
+    if d.shuffle_window_shards < 0:
+        fail("data.shuffle_window_shards", "an int >= 0 (0: shuffle over the whole dataset)", d.shuffle_window_shards)
     try:
         config.optimizer.validate()
     except OptimizerConfigError as error:
