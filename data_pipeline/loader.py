@@ -91,8 +91,6 @@ class _Dataset:
     def read(self, reads: np.ndarray) -> np.ndarray:
         """The tokens [len(reads), width] of this dataset's reads number `reads` (its own stream)."""
         epochs, within = np.divmod(reads, self.num_samples)
-        if self.window:
-            self._follow(*divmod(int(reads.max()), self.num_samples))
         samples = np.empty_like(reads)
         for epoch in np.unique(epochs).tolist():
             chosen = epochs == epoch
@@ -106,10 +104,14 @@ class _Dataset:
             self._orders = {epoch: order} | {e: o for e, o in self._orders.items() if e >= epoch - 1}
         return self._orders[epoch]
 
-    def _follow(self, epoch: int, position: int) -> None:
-        """The cache follows the window of the latest read: its shards, the window before (batches
-        still being read) and the next one, copied ahead. It moves forward only (threads building
-        later batches may finish first); `rewind` lets it go back."""
+    def follow(self, read: int) -> None:
+        """Windows: the cache follows the window of read number `read` (a global batch's last read of
+        this dataset, the same on every rank): it keeps that window's shards, the window before's
+        (batches still being read) and the next one's, copied ahead. It moves forward only (threads
+        building later batches may finish first); `rewind` lets it go back."""
+        if not self.window:
+            return
+        epoch, position = divmod(read, self.num_samples)
         w = int(self._order(epoch).window_of(position))
         with self._lock:  # quick: removing files and queueing copies
             if self._window_read is not None and (epoch, w) <= self._window_read:
@@ -208,6 +210,10 @@ class TokenLoader:
 
     def _build(self, start: int) -> np.ndarray:
         """This rank's slice of the global batch that begins at stream position `start`."""
+        last_reads = self._reads_before(start + self.global_batch_size) - 1  # each dataset's, in the whole batch
+        for dataset, read in zip(self.datasets, last_reads.tolist()):
+            if read >= 0:  # every rank of a node keeps the same shards in their shared cache
+                dataset.follow(read)
         first = start + self.rank * self.local_batch_size
         positions = np.arange(first, first + self.local_batch_size, dtype=np.int64)
         which, reads = self.pattern.locate(positions - self._phase_start)

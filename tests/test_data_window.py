@@ -7,9 +7,12 @@ recognisable by its first token.
 """
 
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import fsspec
+import fsspec.implementations.dirfs
 import fsspec.implementations.memory
 import numpy as np
 import pytest
@@ -36,6 +39,20 @@ def on_memory_fs(directory: Path, name: str) -> str:
     for path in directory.iterdir():
         fs.pipe_file(f"/{name}/{path.name}", path.read_bytes())
     return f"memory://{name}"
+
+
+class LocalAsRemote(fsspec.implementations.dirfs.DirFileSystem):
+    """`testremote://NAME`: the folder $TEST_REMOTE_ROOT/NAME as a remote store (cached, not memory-mapped
+    in place) that separate processes share, as the ranks of a node share a bucket."""
+
+    protocol = "testremote"
+
+    def __init__(self, **kwargs):
+        super().__init__(path=os.environ["TEST_REMOTE_ROOT"], fs=fsspec.filesystem("file"), **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return path.removeprefix("testremote://")
 
 
 def test_windowed_order_is_a_bijection_reading_a_window_of_shards_at_a_time():
@@ -172,3 +189,42 @@ def test_shards_too_small_for_a_sample_of_their_own_are_refused_by_name(tmp_path
     with pytest.raises(DataError, match=r"small/manifest.json: no shard of split 'train' holds one sample of "
                                         r"seq_len \+ 1 = 8 \(windows of shards pack each shard on its own\)"):
         TokenLoader(small, SEQ, 1, 0, 1, seed=0, shuffle_window_shards=2)
+
+
+def rank_reads(rank: int, world_size: int, steps: int, cache: str, barrier, out: str) -> None:
+    """One rank of a node: its slice of `steps` batches, the ranks stepping together (as collectives
+    make them), and the most shards it saw in the shared cache."""
+    fsspec.register_implementation("testremote", LocalAsRemote, clobber=True)
+    rows, most = [], 0
+    with TokenLoader("testremote://dataset", SEQ, 12, rank, world_size, seed=4, shuffle_window_shards=WINDOW,
+                     cache_dir=cache, prefetch=1) as loader:
+        for _ in range(steps):
+            rows.append(next(loader).numpy())
+            most = max(most, cached_shards(Path(cache)))
+            barrier.wait()
+    np.save(out, np.stack(rows))
+    Path(out).with_suffix(".most").write_text(str(most))
+
+
+def test_two_processes_share_one_cache_evicting_as_they_go(many_shards, tmp_path, monkeypatch):
+    """Real processes (not threads) read one remote dataset through one cache folder: each removes the
+    shards it no longer needs, also while the other maps them, and both read the exact stream."""
+    monkeypatch.setenv("TEST_REMOTE_ROOT", str(many_shards.parent))
+    (many_shards.parent / "dataset").symlink_to(many_shards.name)
+    num_samples = sum(n // WIDTH for n in SHARDS)
+    steps = 3 * num_samples // 12 // 2
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    outs = [str(tmp_path / f"rank{r}.npy") for r in range(2)]
+    ranks = [context.Process(target=rank_reads, args=(r, 2, steps, str(tmp_path / "cache"), barrier, outs[r]))
+             for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    per_rank = [np.load(out) for out in outs]  # [steps, 6, WIDTH] each
+    rows = np.concatenate(per_rank, axis=1).reshape(-1, WIDTH)
+    assert np.array_equal(rows, epoch_rows(many_shards, WINDOW, 1, steps))
+    # each process keeps 3 windows; while one has moved on to the next window and the other not yet, 4
+    assert max(int(Path(out).with_suffix(".most").read_text()) for out in outs) <= 4 * WINDOW
