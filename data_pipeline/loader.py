@@ -33,7 +33,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -98,45 +98,62 @@ class _Dataset:
         return self.samples.read(samples)
 
     def _order(self, epoch: int) -> EpochPermutation | WindowedOrder:
-        if epoch not in self._orders:  # keep the previous epoch's too: a batch may span both
+        order = self._orders.get(epoch)
+        if order is None:  # keep the previous epoch's too: a batch may span both
             order = (WindowedOrder(self.samples.first_sample, self.window, self.seed, epoch) if self.window
                      else EpochPermutation(self.num_samples, self.seed, epoch))
             self._orders = {epoch: order} | {e: o for e, o in self._orders.items() if e >= epoch - 1}
-        return self._orders[epoch]
+        return order
 
-    def follow(self, read: int) -> None:
-        """Windows: the cache follows the window of read number `read` (a global batch's last read of
-        this dataset, the same on every rank): it keeps that window's shards, the window before's
-        (batches still being read) and the next one's, copied ahead. It moves forward only (threads
-        building later batches may finish first); `rewind` lets it go back."""
+    def follow(self, first: int, last: int) -> None:
+        """Windows: the cache follows a global batch's reads `first`..`last` of this dataset (the same
+        on every rank): it keeps the shards of their windows, of the window before (batches still
+        being built) and of the next one, copied ahead. It moves forward only (threads building later
+        batches may finish first); `rewind` lets it go back."""
         if not self.window:
             return
-        epoch, position = divmod(read, self.num_samples)
-        w = int(self._order(epoch).window_of(position))
+        first_window, last_window = self._window(first), self._window(last)
         with self._lock:  # quick: removing files and queueing copies
-            if self._window_read is not None and (epoch, w) <= self._window_read:
+            if self._window_read is not None and last_window <= self._window_read:
                 return
-            self._window_read = (epoch, w)
-            keep, ahead = self.window_cache(epoch, w)
+            self._window_read = last_window
+            keep, ahead = self.window_cache(first_window, last_window)
             self.samples.keep_only(keep)
             self.samples.read_ahead(ahead)
 
-    def window_cache(self, epoch: int, w: int) -> tuple[list[int], list[int]]:
-        """(the shards kept, those copied ahead, in reading order) while the reads are in window w
-        of the epoch; shards without a sample are left out."""
-        first = self.samples.first_sample
-        now, before, after = ([k for k in self._window_shards(epoch, w + d) if first[k + 1] > first[k]]
-                              for d in (0, -1, 1))
-        return now + before + after, now + after
+    def _window(self, read: int) -> tuple[int, int]:
+        """(epoch, window) of read number `read`."""
+        epoch, position = divmod(read, self.num_samples)
+        return epoch, int(self._order(epoch).window_of(position))
 
-    def _window_shards(self, epoch: int, w: int) -> list[int]:
-        """Window w of the epoch's order; w = -1 and w = its window count step into the epochs around it."""
-        order = self._order(epoch)
-        if w < 0:
-            return self._window_shards(epoch - 1, self._order(epoch - 1).num_windows - 1) if epoch > 0 else []
-        if w >= order.num_windows:
-            return self._order(epoch + 1).shards(0).tolist()
-        return order.shards(w).tolist()
+    def window_cache(self, first: tuple[int, int], last: tuple[int, int]) -> tuple[list[int], list[int]]:
+        """(the shards kept, those copied ahead, in reading order) while a batch reads windows `first`
+        to `last` ((epoch, window) each): from the window before the first to the next one after the
+        last with a sample."""
+        windows = [self._step(first, -1), first]
+        while windows[-1] < last:
+            windows.append(self._step(windows[-1], 1))
+        after = self._step(last, 1)
+        for _ in range(8):  # past windows whose shards have no sample
+            if self._shards(after):
+                break
+            after = self._step(after, 1)
+        now = [k for window in windows[1:] for k in self._shards(window)]
+        return self._shards(windows[0]) + now + self._shards(after), now + self._shards(after)
+
+    def _step(self, window: tuple[int, int], by: int) -> tuple[int, int]:
+        """The window `by` = -1 or 1 away, into the epochs around; (-1, 0) before the first."""
+        epoch, w = window[0], window[1] + by
+        if epoch < 0 or w < 0:
+            return (-1, 0) if epoch <= 0 else (epoch - 1, self._order(epoch - 1).num_windows - 1)
+        return (epoch + 1, 0) if w >= self._order(epoch).num_windows else (epoch, w)
+
+    def _shards(self, window: tuple[int, int]) -> list[int]:
+        """The shards of a window that hold a sample, in reading order."""
+        if window[0] < 0:
+            return []
+        first = self.samples.first_sample
+        return [k for k in self._order(window[0]).shards(window[1]).tolist() if first[k + 1] > first[k]]
 
     def rewind(self) -> None:
         """The stream jumped back (a reset, a resume): let the cache follow from wherever it is read next."""
@@ -181,7 +198,7 @@ class TokenLoader:
         self._prefetch = prefetch
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="hope-data") if num_workers else None
         self._pending: deque[tuple[int, Future]] = deque()  # (start position, batch being built)
-        self._fill_pending()
+        # batches are built from the first next() on: not before a load_state_dict moves the position
 
     # ------------------------------------------------------------ the stream
     def __iter__(self) -> "TokenLoader":
@@ -210,10 +227,11 @@ class TokenLoader:
 
     def _build(self, start: int) -> np.ndarray:
         """This rank's slice of the global batch that begins at stream position `start`."""
-        last_reads = self._reads_before(start + self.global_batch_size) - 1  # each dataset's, in the whole batch
-        for dataset, read in zip(self.datasets, last_reads.tolist()):
-            if read >= 0:  # every rank of a node keeps the same shards in their shared cache
-                dataset.follow(read)
+        # each dataset's reads in the whole global batch: every rank of a node keeps the same shards
+        for dataset, begin, end in zip(self.datasets, self._reads_before(start).tolist(),
+                                       self._reads_before(start + self.global_batch_size).tolist()):
+            if end > begin:
+                dataset.follow(begin, end - 1)
         first = start + self.rank * self.local_batch_size
         positions = np.arange(first, first + self.local_batch_size, dtype=np.int64)
         which, reads = self.pattern.locate(positions - self._phase_start)
@@ -248,6 +266,7 @@ class TokenLoader:
         reads = self._reads_before(self._samples_consumed)
         return {"seed": self.seed, "epoch": self.epoch, "samples_consumed": self._samples_consumed,
                 "fingerprint": self.fingerprint, "phase_start": self._phase_start,
+                "shuffle_window_shards": self.shuffle_window_shards,
                 "reads": [_entry(d.location, d.manifest.fingerprint, k) for d, k in zip(self.datasets, reads)],
                 "left": self._left}
 
@@ -257,6 +276,12 @@ class TokenLoader:
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise DataError(f"loader state: missing key {missing[0]!r} (expected keys {list(STATE_KEYS)})")
+        window = state.get("shuffle_window_shards", 0)  # absent in states from before December 2026
+        if state["fingerprint"] != self.fingerprint and not allow_changed_manifest and window != self.shuffle_window_shards:
+            raise DataError(f"{self.data_dir}: shuffle_window_shards is {self.shuffle_window_shards}, the checkpoint's "
+                            f"was {window!r} (hope-train: data.shuffle_window_shards); another window is another "
+                            "order of the samples. Resume with the checkpoint's, or allow_changed_manifest (hope-train: "
+                            "data.allow_changed_data: true) to go on in the new order at the same position.")
         if state["fingerprint"] != self.fingerprint and not allow_changed_manifest:
             raise DataError(f"{self.data_dir}: the manifest {'or the mixture ' if len(self.datasets) > 1 else ''}"
                             f"changed since the checkpoint (fingerprint {state['fingerprint']}, now "
@@ -275,7 +300,6 @@ class TokenLoader:
             dataset.rewind()
         self._samples_consumed = consumed
         self._phase_start, self._phase_reads, self._left = phase_start, base, left
-        self._fill_pending()
 
     def _phase_from(self, state: dict, consumed: int) -> tuple[int, np.ndarray, list[dict], str | None]:
         """(phase_start, each dataset's reads before it, the datasets that left the mixture, and on
@@ -321,15 +345,15 @@ class TokenLoader:
             dataset.rewind()
         self._samples_consumed = 0
         self._phase_start, self._phase_reads[:] = 0, 0
-        self._fill_pending()
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """DataError unless every token id of this dataset fits the model's embedding."""
         check_model_vocab(self.data_dir, self.manifest, model_vocab_size)
 
     def _drop_pending(self) -> None:
-        for _, future in self._pending:
-            future.cancel()
+        """Cancel the batches not started and wait for those being built (they would move the cache)."""
+        running = [future for _, future in self._pending if not future.cancel()]
+        wait(running)
         self._pending.clear()
 
     def close(self) -> None:

@@ -111,6 +111,7 @@ class WindowedOrder:
             shards = self.shards(w)
             counts = self.first_sample[shards + 1] - self.first_sample[shards]
             n = int(self.window_start[w + 1] - self.window_start[w])
-            self._within = {k: v for k, v in self._within.items() if k >= w - 2} | {
-                w: (EpochPermutation(n, self.seed, self.epoch, stream=w + 1), np.cumsum(counts), self.first_sample[shards])}
+            within = (EpochPermutation(n, self.seed, self.epoch, stream=w + 1), np.cumsum(counts), self.first_sample[shards])
+            self._within = {k: v for k, v in self._within.items() if k >= w - 2} | {w: within}
+            return within
         return self._within[w]

@@ -22,9 +22,9 @@ import bisect
 import fcntl
 import hashlib
 import os
+import queue
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -75,44 +75,61 @@ class PackedSplit:
         self._arrays: dict[int, np.ndarray] = {}
         self._locks = [threading.Lock() for _ in self.shards]
         self.remote = not is_local(fs)
-        self._fetcher = ThreadPoolExecutor(READ_AHEAD_THREADS, thread_name_prefix="hope-data-cache") if self.remote else None
-        self._queued: set[int] = set()  # shards waiting for or being copied by the fetcher
+        # read-ahead: daemon threads (a process exits without waiting for them) copy queued shards
+        self._wanted: queue.Queue[int] = queue.Queue()
+        self._queued: set[int] = set()  # shards waiting for or being copied by the fetchers
+        self._fetchers: list[threading.Thread] = []
         self._keep: set[int] | None = None  # the shards the cache may hold (None: all)
+        self._closed = threading.Event()
         if not self.remote:  # cheap: a header read and a stat per shard, catches truncation up front
             for k in range(len(self.shards)):
                 self._array(k)
 
     def read_ahead(self, shards: Iterable[int]) -> None:
         """Start copying these shards of a remote dataset into the cache, in this order, in the background."""
-        if self._fetcher is None:
+        if not self.remote or self._closed.is_set():
             return
+        if not self._fetchers:
+            self._fetchers = [threading.Thread(target=self._fetch_queued, name="hope-data-cache", daemon=True)
+                              for _ in range(READ_AHEAD_THREADS)]
+            for thread in self._fetchers:
+                thread.start()
         for k in shards:
             if k not in self._arrays and k not in self._queued:
                 self._queued.add(k)
-                self._fetcher.submit(self._fetch, k)
+                self._wanted.put(k)
 
-    def _fetch(self, k: int) -> None:
-        if self._keep is not None and k not in self._keep:  # the reader moved on before its turn came
-            self._queued.discard(k)
-            return
-        try:
-            self._array(k)
-        except DataError:
-            pass  # the batch that needs this shard raises the same error in the trainer's thread
-        finally:
-            self._queued.discard(k)
-        if self._keep is not None and k not in self._keep:  # the reader moved on while it was copied
-            self._evict(k)
+    def _fetch_queued(self) -> None:
+        while not self._closed.is_set():
+            try:
+                k = self._wanted.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                if self._keep is None or k in self._keep:  # not if the reader moved on before its turn came
+                    self._array(k)
+            except DataError:
+                pass  # the batch that needs this shard raises the same error in the trainer's thread
+            finally:
+                self._queued.discard(k)
+            if self._keep is not None and k not in self._keep:  # the reader moved on while it was copied
+                self._evict(k)
 
     def keep_only(self, shards: Iterable[int]) -> None:
-        """Remove from the local cache the shards of a remote dataset that this process opened and
-        that are not in `shards`. A rank still reading one keeps its memory map (the file's blocks
-        are freed when the last map goes); a rank that needs one again fetches it again."""
-        if self._fetcher is None:
+        """Remove from the local cache every shard of this split (remote dataset) not in `shards`,
+        those a process before this one left there too. A rank still reading one keeps its memory
+        map (the file's blocks are freed when the last map goes); a rank that needs one again
+        fetches it again."""
+        if not self.remote:
             return
         self._keep = keep = set(shards)
         for k in [k for k in list(self._arrays) if k not in keep]:
             self._evict(k)
+        index = {shard.name: k for k, shard in enumerate(self.shards)}
+        if self._cache.is_dir():
+            for entry in os.scandir(self._cache):  # one listing, not a stat per shard of the split
+                if entry.name in index and index[entry.name] not in keep:
+                    self._evict(index[entry.name])
 
     def _evict(self, k: int) -> None:
         with self._locks[k]:
@@ -120,9 +137,8 @@ class PackedSplit:
             (self._cache / self.shards[k].name).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Cancel the copies not started; wait for those under way (at most READ_AHEAD_THREADS)."""
-        if self._fetcher is not None:
-            self._fetcher.shutdown(wait=True, cancel_futures=True)
+        """Stop reading ahead; a copy under way finishes in its daemon thread (or ends with the process)."""
+        self._closed.set()
 
     # ------------------------------------------------------------ shard files
     def _array(self, k: int) -> np.ndarray:

@@ -24,7 +24,9 @@ from data_pipeline.order import WindowedOrder
 from data_pipeline.packed import PackedSplit
 
 WIDTH = SEQ + 1
-SHARDS = (40, 3, 97, 64, 0, 120, 8, 8, 200, 51, 16, 77, 5, 130, 90, 33)  # 937 tokens: tiny, empty, uneven shards
+# 40 shards of 0 to 120 tokens (5 to 15 samples but for some tiny and empty ones): windows of 3 shards
+SHARDS = (40, 3, 97, 64, 0, 120, 8, 8, 100, 51, 16, 77, 5, 110, 90, 33, 60, 70, 44, 81,
+          95, 41, 66, 12, 88, 57, 73, 49, 102, 39, 58, 67, 91, 43, 79, 54, 63, 115, 47, 85)
 WINDOW = 3
 
 
@@ -100,9 +102,12 @@ def test_every_token_once_per_epoch_in_windows_and_the_same_on_any_world_size(ma
         assert all(np.array_equal(r, np.arange(r[0], r[0] + WIDTH)) for r in epoch), "a sample is not contiguous"
     assert np.array_equal(np.searchsorted(starts, rows[:, 0], side="right"),
                           np.searchsorted(starts, rows[:, -1], side="right")), "a sample spans two shards"
-    shard_of = np.searchsorted(starts, rows[:num_samples, 0], side="right") - 1
-    windows = [set(shard_of[i:i + 12]) for i in range(0, num_samples - 12, 12)]
-    assert max(len(w) for w in windows) <= 2 * WINDOW, "a batch drew from more than two windows"
+    first_sample = np.concatenate([[0], np.cumsum(np.array(SHARDS) // WIDTH)])
+    for epoch in (0, 1):  # position p of the epoch reads a sample of a shard of p's window
+        order = WindowedOrder(first_sample, WINDOW, seed=4, epoch=epoch)
+        windows = order.window_of(np.arange(num_samples))
+        shard_of = np.searchsorted(starts, rows[epoch * num_samples:(epoch + 1) * num_samples, 0], side="right") - 1
+        assert all(shard_of[p] in order.shards(windows[p]) for p in range(num_samples))
     global_order = epoch_rows(many_shards, 0, 1, steps)
     assert not np.array_equal(rows, global_order)
     if world_size > 1:
@@ -120,26 +125,45 @@ def test_resume_mid_window_equals_uninterrupted_and_the_window_is_in_the_fingerp
     assert np.array_equal(reference, np.concatenate([first, rest]))
     with TokenLoader(many_shards, SEQ, 12, 0, 1, seed=4) as other_order:
         assert other_order.fingerprint != state["fingerprint"]
-        with pytest.raises(DataError, match="changed since the checkpoint"):
+        with pytest.raises(DataError, match="shuffle_window_shards is 0, the checkpoint's was 3"):
             other_order.load_state_dict(state)
     with pytest.raises(DataError, match=r"shuffle_window_shards=-1: expected an int >= 0"):
         TokenLoader(many_shards, SEQ, 12, 0, 1, seed=4, shuffle_window_shards=-1)
+
+
+def cache_bound(data, batch: int, batches: int, lag: int = 1) -> int:
+    """The most shards the cache may hold: those kept for `lag` + 1 consecutive global batches (a
+    batch's windows, the one before and the next; while the cache moves on from one batch's to the
+    next, both), against every shard of the dataset with a sample."""
+    with TokenLoader(data, SEQ, batch, 0, 1, seed=4, shuffle_window_shards=WINDOW, num_workers=0) as loader:
+        dataset = loader.datasets[0]
+        kept = [set(dataset.window_cache(dataset._window(g * batch), dataset._window((g + 1) * batch - 1))[0])
+                for g in range(batches)]
+    bound = max(len(set().union(*kept[g:g + lag + 1])) for g in range(batches - lag))
+    assert bound < sum(1 for n in SHARDS if n >= WIDTH) / 2, "the test's windows are too large to tell"
+    return bound
 
 
 def cached_shards(cache: Path) -> int:
     return sum(1 for p in cache.rglob("train-*.bin"))
 
 
-def test_remote_cache_holds_three_windows_and_downloads_each_shard_once_an_epoch(many_shards, tmp_path, monkeypatch):
-    remote = on_memory_fs(many_shards, "window-cache")
-    downloads = []
+@pytest.fixture
+def downloads(monkeypatch):
+    """The names of the files downloaded from the in-memory store, in order."""
+    names = []
     original = fsspec.implementations.memory.MemoryFileSystem.cat_file
 
     def counted(self, path, *args, **kwargs):
-        downloads.append(Path(path).name)
+        names.append(Path(path).name)
         return original(self, path, *args, **kwargs)
 
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counted)
+    return names
+
+
+def test_remote_cache_holds_three_windows_and_downloads_each_shard_once_an_epoch(many_shards, tmp_path, downloads):
+    remote = on_memory_fs(many_shards, "window-cache")
     num_samples = sum(n // WIDTH for n in SHARDS)
     steps = 3 * num_samples // 12 // 2  # an epoch and a half
     local_rows = epoch_rows(many_shards, WINDOW, 1, steps)
@@ -160,7 +184,7 @@ def test_remote_cache_holds_three_windows_and_downloads_each_shard_once_an_epoch
             loader.reset()  # back to the start (as validation does): evicted shards are fetched again
             assert np.array_equal(next(loader).numpy(), local_rows[:12])
     assert most[0] == len(SHARDS)  # the whole dataset, read ahead in manifest order
-    assert most[WINDOW] <= 3 * WINDOW  # the window before, the current one and the next
+    assert most[WINDOW] <= cache_bound(many_shards, 12, steps + 5)
 
 
 def test_a_cached_shard_removed_by_another_rank_is_fetched_again(many_shards, tmp_path, monkeypatch):
@@ -226,5 +250,53 @@ def test_two_processes_share_one_cache_evicting_as_they_go(many_shards, tmp_path
     per_rank = [np.load(out) for out in outs]  # [steps, 6, WIDTH] each
     rows = np.concatenate(per_rank, axis=1).reshape(-1, WIDTH)
     assert np.array_equal(rows, epoch_rows(many_shards, WINDOW, 1, steps))
-    # each process keeps 3 windows; while one has moved on to the next window and the other not yet, 4
-    assert max(int(Path(out).with_suffix(".most").read_text()) for out in outs) <= 4 * WINDOW
+    # each process keeps 3 or 4 windows; while one has moved on to the next window and the other not yet, 5
+    assert max(int(Path(out).with_suffix(".most").read_text()) for out in outs) <= cache_bound(many_shards, 12, steps + 2,
+                                                                                               lag=3)
+
+
+def test_windows_smaller_than_a_batch_download_each_shard_once_an_epoch(many_shards, tmp_path, downloads):
+    """A global batch of 48 samples spans several windows of one shard: the cache keeps them all."""
+    remote = on_memory_fs(many_shards, "window-small")
+    num_samples = sum(n // WIDTH for n in SHARDS)
+    with TokenLoader(remote, SEQ, 48, 0, 1, seed=4, shuffle_window_shards=1, cache_dir=tmp_path,
+                     num_workers=0) as loader:  # no batch built ahead into the next epoch
+        rows = np.concatenate([next(loader).numpy() for _ in range(num_samples // 48)])
+    with TokenLoader(many_shards, SEQ, 48, 0, 1, seed=4, shuffle_window_shards=1) as local:
+        assert np.array_equal(rows, np.concatenate([next(local).numpy() for _ in range(num_samples // 48)]))
+    shards = [name for name in downloads if name.startswith("train-")]
+    assert len(shards) == len(set(shards)), "a shard was downloaded twice in one epoch"
+
+
+def test_a_restarted_reader_clears_what_the_one_before_left_and_skips_window_zero(many_shards, tmp_path, downloads):
+    """Preempted every 2 batches and resumed (a new loader on the same cache): the cache stays at
+    three windows, and a resumed loader downloads its own windows, not epoch 0's first."""
+    remote = on_memory_fs(many_shards, "window-restarts")
+    cache, state, rows, most = tmp_path / "cache", None, [], 0
+    for restart in range(8):
+        downloads.clear()
+        with TokenLoader(remote, SEQ, 12, 0, 1, seed=4, shuffle_window_shards=WINDOW, cache_dir=cache) as loader:
+            if state is not None:
+                loader.load_state_dict(state)
+            for _ in range(2):
+                rows.append(next(loader).numpy())
+                most = max(most, cached_shards(cache))
+            state = loader.state_dict()
+            if restart:  # the windows of this run's reads: its 2 batches and the 4 built ahead (prefetch)
+                dataset, begin = loader.datasets[0], state["samples_consumed"] - 24
+                windows = dataset._window(begin), dataset._window(begin + 6 * 12 - 1)
+                shards = {int(name[6:11]) for name in downloads if name.startswith("train-")}
+                assert shards <= set(dataset.window_cache(*windows)[0]), "a resumed reader downloaded other windows"
+    assert most <= cache_bound(many_shards, 12, 16 + 5)
+    assert np.array_equal(np.concatenate(rows), epoch_rows(many_shards, WINDOW, 1, 16))
+
+
+def test_read_ahead_threads_do_not_keep_a_process_alive(many_shards):
+    remote = on_memory_fs(many_shards, "window-daemon")
+    loader = TokenLoader(remote, SEQ, 12, 0, 1, seed=4)
+    next(loader)  # global order: every shard queued for copying
+    import threading
+
+    fetchers = [t for t in threading.enumerate() if t.name == "hope-data-cache"]
+    assert fetchers and all(t.daemon for t in fetchers)
+    loader.close()

@@ -64,9 +64,9 @@ def check(config: RunConfig, world_size: int) -> str:
     samples = []
     for location, (_, directory, manifest) in manifests:
         check_model_vocab(location, manifest, model_config.vocab_size)
-        per_shard = d.shuffle_window_shards > 0  # windows of shards pack each shard on its own
+        per_shard = d.shuffle_window_shards > 0  # windows of shards (train split) pack each shard on its own
         samples.append(split_samples(manifest, "train", d.seq_len + 1, directory, per_shard))
-        split_samples(manifest, "validation", d.seq_len + 1, directory, per_shard)
+        split_samples(manifest, "validation", d.seq_len + 1, directory)
     reads = MixturePattern(list(sources.values())).reads_before(t.max_steps * ds["train_batch_size"])
     labels = dataset_labels(list(sources)) if len(sources) > 1 else [""]
     return line(epochs_read({label: k / n for label, k, n in zip(labels, reads, samples)}))

@@ -139,7 +139,8 @@ class Trainer:
 
         return TokenLoader(data_dir, self.config.data.seq_len, global_batch, self.world.rank, self.world.size,
                            self.config.train.seed, split=split, expected_vocab_size=self.model_config.vocab_size,
-                           shuffle_window_shards=self.config.data.shuffle_window_shards)
+                           # validation reads its first batches at every evaluation: no windows needed
+                           shuffle_window_shards=self.config.data.shuffle_window_shards if split == "train" else 0)
 
     def _open_validation(self, data_dir) -> dict[str, tuple[float, object]]:
         """{label: (weight, validation loader)}: one dataset's, or each dataset of a mixture on its own,
