@@ -55,6 +55,21 @@ class TokenizeReport:
     def tokens_per_second(self) -> float:
         return self.tokenized_tokens / max(self.seconds, 1e-9)
 
+    @property
+    def validation_warning(self) -> str | None:
+        """Why the validation split is empty although a validation fraction was asked for; else None.
+
+        The split is by hash of each document's text alone (no document is moved to validation to
+        fill it), so a small input can end up with none: the command line prints this as a warning.
+        """
+        fraction = self.manifest.validation_fraction
+        if fraction == 0 or self.manifest.split_shards("validation"):
+            return None
+        return (f"the validation split is empty: none of the {self.num_docs:,} documents fell under "
+                f"--validation-fraction {fraction:g} (each document goes to validation by a hash of its text, "
+                f"about 1 in {1 / fraction:,.0f}); hope-train needs validation data: add documents or raise "
+                "--validation-fraction")
+
 
 def document_split(text: str, validation_fraction: float) -> str:
     """'validation' for a fixed pseudo-random fraction of documents, by hash of their text."""
@@ -165,6 +180,10 @@ def tokenize_to_shards(inputs: list[str], tokenizer_path: str, out: str,
 
     if not 0.0 <= settings.validation_fraction < 1.0:
         raise DataError(f"--validation-fraction {settings.validation_fraction}: expected a value in [0, 1)")
+    if settings.shard_chars < 1:
+        raise DataError(f"shard_chars {settings.shard_chars}: expected at least 1 character per shard (--shard-mb)")
+    if settings.workers < 0:
+        raise DataError(f"--workers {settings.workers}: expected 0 (tokenize in this process) or more processes")
     tokenizer = Tokenizer(tokenizer_path)
     sources = resolve_inputs(inputs)
     fs, out_path = filesystem(out)

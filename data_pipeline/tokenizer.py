@@ -19,6 +19,7 @@ from data_pipeline.shards import TokenizerInfo
 from data_pipeline.storage import atomic_write_bytes, filesystem
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MIN_VOCAB_SIZE = 300  # 4 specials + 256 byte pieces + newline/tab/indent pieces + some merges
 # SentencePiece skips training lines longer than this; longer lines are cut into pieces.
 _MAX_LINE = 4096
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -39,14 +40,28 @@ def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
 
 
 def train_sentencepiece(documents: Iterable[str], out_path: str | Path, vocab_size: int = 32000,
-                        model_type: str = "bpe", max_bytes: int = 200_000_000, threads: int | None = None) -> Path:
-    """Train a SentencePiece model on the documents and write it (atomically) to out_path."""
+                        model_type: str = "bpe", max_bytes: int = 200_000_000, threads: int | None = None,
+                        *, overwrite: bool = False) -> Path:
+    """Train a SentencePiece model on the documents and write it (atomically) to out_path.
+
+    An existing out_path is refused before any training unless `overwrite`: datasets' manifests and
+    exported models refer to a tokenizer by path and sha256, so replacing the file breaks them.
+    """
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"--model-type {model_type!r}: expected 'bpe' or 'unigram'")
-    if vocab_size < 300:  # 4 specials + 256 byte pieces + newline/tab/indent pieces + some merges
-        raise DataError(f"--vocab-size {vocab_size}: expected at least 300 (256 byte-fallback pieces are included)")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"--vocab-size {vocab_size}: expected at least {MIN_VOCAB_SIZE} "
+                        "(256 byte-fallback pieces are included)")
+    if max_bytes <= 0:
+        raise DataError(f"--max-bytes {max_bytes}: expected a positive number of bytes")
+    fs, path = filesystem(out_path)
+    if fs.isdir(path):
+        raise DataError(f"--out {out_path}: is a directory; expected a file path for the tokenizer model")
+    if fs.exists(path) and not overwrite:
+        raise DataError(f"--out {out_path}: exists; choose another path or pass --overwrite (manifests and "
+                        "exported models refer to a tokenizer by path and sha256)")
     lines = _training_lines(documents, max_bytes)
     first = next(lines, None)
     if first is None:
@@ -67,7 +82,6 @@ def train_sentencepiece(documents: Iterable[str], out_path: str | Path, vocab_si
             num_threads=threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as exc:  # e.g. "Vocabulary size is too high" for a tiny input
         raise DataError(f"SentencePiece training failed for --vocab-size {vocab_size}: {exc}") from exc
-    fs, path = filesystem(out_path)
     atomic_write_bytes(fs, path, model.getvalue())
     return Path(out_path)
 
@@ -84,11 +98,16 @@ class Tokenizer:
             raise DataError(f"{path}: tokenizer not found (expected a SentencePiece .model file, "
                             "a tokenizer.json, or a directory holding one)")
         raw = target.read_bytes()
-        self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+        self.fingerprint = self.fingerprint_of(raw)
         if target.suffix == ".json":
             self._load_huggingface(target, raw)
         else:
             self._load_sentencepiece(target, raw)
+
+    @staticmethod
+    def fingerprint_of(raw: bytes) -> str:
+        """The fingerprint manifests record for a tokenizer file holding `raw`."""
+        return hashlib.sha256(raw).hexdigest()[:16]
 
     def _load_sentencepiece(self, target: Path, raw: bytes) -> None:
         import sentencepiece as spm

@@ -13,7 +13,7 @@ from data_pipeline.cli import main as cli
 from data_pipeline.shards import HEADER_SIZE, read_manifest
 from data_pipeline.tokenize import TokenizeSettings, document_split, tokenize_to_shards
 from data_pipeline.tokenizer import Tokenizer, train_sentencepiece
-from data_pipeline.verify import verify_dataset
+from data_pipeline.verify import check_shard_files, verify_dataset
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def class return".split()
 SMALL = TokenizeSettings(shard_chars=6000, validation_fraction=0.2, workers=0)
@@ -90,6 +90,28 @@ def test_bad_tokenizers(tmp_path, corpus):
         train_sentencepiece(corpus["docs"], tmp_path / "x.model", vocab_size=100)
     with pytest.raises(DataError, match="holds no text"):
         train_sentencepiece(["", "   "], tmp_path / "x.model", vocab_size=400)
+    with pytest.raises(DataError, match="--max-bytes 0: expected a positive number of bytes"):
+        train_sentencepiece(corpus["docs"], tmp_path / "x.model", vocab_size=400, max_bytes=0)
+
+
+def test_an_existing_tokenizer_is_replaced_only_with_overwrite(corpus, tmp_path, capsys):
+    """Manifests and exported models name their tokenizer by path and sha256: replacing it silently
+    would break every dataset made with it."""
+    earlier = tmp_path / "tok.model"
+    earlier.write_bytes(b"an earlier tokenizer")
+    with pytest.raises(DataError, match=r"tok.model: exists; choose another path or pass --overwrite"):
+        train_sentencepiece(corpus["docs"], earlier, vocab_size=400)
+    assert cli(["train-tokenizer", corpus["jsonl"], "--vocab-size", "350", "--out", str(earlier)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hope-data train-tokenizer: error: --out {earlier}: exists; choose another path or pass " \
+                  "--overwrite (manifests and exported models refer to a tokenizer by path and sha256)\n"
+    assert earlier.read_bytes() == b"an earlier tokenizer"
+    assert cli(["train-tokenizer", corpus["jsonl"], "--vocab-size", "350", "--out", str(earlier), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert f"fingerprint {Tokenizer(earlier).fingerprint} (replaced the tokenizer with fingerprint " \
+           f"{Tokenizer.fingerprint_of(b'an earlier tokenizer')})" in out
+    assert cli(["train-tokenizer", corpus["jsonl"], "--out", str(tmp_path), "--overwrite"]) == 2
+    assert f"--out {tmp_path}: is a directory; expected a file path" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ tokenize
@@ -205,7 +227,94 @@ def test_bad_inputs(corpus, tmp_path):
     assert verify_dataset(str(tmp_path / "o5")).ok  # the refused rerun damaged nothing
 
 
+def test_an_empty_validation_split_is_warned_about(corpus, dataset, tmp_path, capsys):
+    """The split is by hash of each document alone, so a small input may get no validation document:
+    `tokenize` says so (and why) instead of leaving it to the trainer to find out."""
+    assert dataset[1].validation_warning is None
+    few = [d for d in corpus["docs"] if document_split(d, 0.01) == "train"][:5]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in few))
+    base = ["tokenize", str(tmp_path / "few.jsonl"), "--tokenizer", corpus["model"], "--workers", "0", "--quiet"]
+    assert cli(base + ["--out", str(tmp_path / "a"), "--validation-fraction", "0.01"]) == 0
+    captured = capsys.readouterr()
+    assert "validation 0)" in captured.out
+    assert captured.err == ("hope-data tokenize: warning: the validation split is empty: none of the 5 documents fell "
+                            "under --validation-fraction 0.01 (each document goes to validation by a hash of its text, "
+                            "about 1 in 100); hope-train needs validation data: add documents or raise "
+                            "--validation-fraction\n")
+    assert cli(base + ["--out", str(tmp_path / "b"), "--validation-fraction", "0"]) == 0  # none was asked for
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command, flag, value, expected", [
+    ("tokenize", "--shard-mb", "0", "a positive number of millions of characters per shard"),
+    ("tokenize", "--shard-mb", "-1", "a positive number of millions of characters per shard"),
+    ("tokenize", "--shard-mb", "inf", "a positive number of millions of characters per shard"),
+    ("tokenize", "--validation-fraction", "1", "a fraction in [0, 1)"),
+    ("tokenize", "--validation-fraction", "-0.1", "a fraction in [0, 1)"),
+    ("tokenize", "--validation-fraction", "nan", "a fraction in [0, 1)"),
+    ("tokenize", "--workers", "-1", "a whole number >= 0 (0 = tokenize in this process)"),
+    ("tokenize", "--workers", "two", "a whole number >= 0 (0 = tokenize in this process)"),
+    ("train-tokenizer", "--vocab-size", "100", "a whole number >= 300"),
+    ("train-tokenizer", "--max-bytes", "0", "a positive whole number of bytes"),
+])
+def test_command_line_refuses_nonsense_numbers(corpus, tmp_path, capsys, command, flag, value, expected):
+    out = str(tmp_path / ("out.model" if command == "train-tokenizer" else "ds"))
+    argv = [command, corpus["jsonl"], "--out", out, flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv + (["--tokenizer", corpus["model"]] if command == "tokenize" else []))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"hope-data {command}: error: argument {flag}: expected {expected}" in err and f"got '{value}'" in err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_tokenize_refuses_settings_that_make_no_sense(corpus, tmp_path):
+    for settings, message in ((TokenizeSettings(shard_chars=0, workers=0), "shard_chars 0: expected at least 1"),
+                              (TokenizeSettings(workers=-2), "--workers -2: expected 0")):
+        with pytest.raises(DataError, match=message):
+            tokenize_to_shards([corpus["jsonl"]], corpus["model"], str(tmp_path / "ds"), settings, progress=False)
+
+
 # ------------------------------------------------------------------ verify and the command line
+def test_check_shard_files_refuses_what_the_loader_refuses(dataset, tmp_path):
+    """The quick pre-run check (`hope-train --check`): header and size of every shard, tokens unread."""
+    import shutil
+
+    import fsspec
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset[0], copy)
+    check_shard_files(*read_manifest(str(copy)))  # a whole dataset passes
+    names = sorted(p.name for p in copy.glob("train-*.bin"))
+    (copy / names[0]).write_bytes((copy / names[0]).read_bytes()[:-2])
+    with pytest.raises(DataError, match=f"{names[0]}: truncated shard, \\d+ bytes, the manifest expects \\d+$"):
+        check_shard_files(*read_manifest(str(copy)))
+    with pytest.raises(DataError, match=f"{names[0]}: truncated shard"):  # the run itself refuses it too
+        TokenLoader(str(copy), 16, 4, 0, 1, seed=0)
+    header = bytearray((copy / names[1]).read_bytes())
+    header[24] ^= 1  # the token count, same file size
+    (copy / names[1]).write_bytes(bytes(header))
+    (copy / names[2]).unlink()
+    with pytest.raises(DataError, match=r"truncated shard.* \(and 2 more damaged shards: `hope-data verify .*copy` "):
+        check_shard_files(*read_manifest(str(copy)))
+    (copy / names[0]).unlink()
+    shutil.copy(dataset[0] / names[0], copy / names[0])
+    with pytest.raises(DataError, match=f"{names[1]}: header says .* tokens"):
+        check_shard_files(*read_manifest(str(copy)))
+    # a remote dataset: sizes from one listing (its checksums are checked when the loader copies a shard)
+    fs = fsspec.filesystem("memory")
+    try:
+        for path in dataset[0].iterdir():
+            if path.is_file():
+                fs.pipe(f"/checked/{path.name}", path.read_bytes())
+        check_shard_files(*read_manifest("memory://checked"))
+        fs.pipe(f"/checked/{names[3]}", (dataset[0] / names[3]).read_bytes()[:100])
+        with pytest.raises(DataError, match=f"{names[3]}: truncated shard, 100 bytes"):
+            check_shard_files(*read_manifest("memory://checked"))
+    finally:
+        fs.rm("/checked", recursive=True)
+
+
 def test_verify_reports_each_damaged_shard(dataset, tmp_path):
     import shutil
 
