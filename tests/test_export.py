@@ -36,12 +36,15 @@ def run_config(cache_dir: Path) -> dict:
             "train": {"max_steps": 1}}
 
 
-def write_run_metadata(step_dir: Path, model_config, run_cfg: dict, step: int) -> None:
+def write_run_metadata(step_dir: Path, model_config, run_cfg: dict, step: int, data_state: dict | None = None) -> None:
     import yaml
 
     (step_dir / "model_config.json").write_text(json.dumps(model_config.to_dict()))
     (step_dir / "config.yaml").write_text(yaml.safe_dump(run_cfg))
-    (step_dir / "trainer_state.json").write_text(json.dumps({"step": step, "tokens_seen": 64 * step, "world_size": 2}))
+    state = {"step": step, "tokens_seen": 64 * step, "world_size": 2}
+    if data_state:
+        state["data_state"] = data_state
+    (step_dir / "trainer_state.json").write_text(json.dumps(state))
 
 
 # ---------------------------------------------------------------- worker (under torchrun)
@@ -280,6 +283,233 @@ def test_export_during_training_writes_step_folder_and_latest(runs):
     card = (run_dir / "hf" / "step-00000001" / "README.md").read_text()
     assert "| optimizer steps | 1 |" in card and "| tokens seen | 64 |" in card
     assert not list((run_dir / "hf").glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------- a project as hope-train leaves it (no torchrun)
+def make_project(root: Path) -> Path:
+    """ROOT as after `hope-train CONFIG --run-dir runs/r` was run in ROOT: the default corpus's tokenizer
+    and shards under .cache/hope-data (the manifest names the tokenizer by a path relative to ROOT and
+    records its sha256), and a one-file (stage 0) checkpoint of runs/r whose trainer_state.json records
+    the dataset's absolute path, as the loader does. Returns the run directory."""
+    from data_pipeline.corpus import corpus_root
+    from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
+    from data_pipeline.tokenizer import train_sentencepiece
+    from hope import HopeForCausalLM
+
+    corpus = corpus_root(".cache/hope-data", 320)  # relative, as configs/train/*.yaml give data.cache_dir
+    (root / corpus).mkdir(parents=True)
+    train_sentencepiece(TOKENIZER_TEXT, root / corpus / "tokenizer.model", vocab_size=320, threads=1)
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TOKENIZER_TEXT))
+    before = os.getcwd()
+    os.chdir(root)  # hope-train prepares the corpus in its working directory
+    try:
+        tokenize_to_shards(["docs.jsonl"], str(corpus / "tokenizer.model"), str(corpus / "shards"),
+                           TokenizeSettings(validation_fraction=0.1, workers=0), progress=False)
+    finally:
+        os.chdir(before)
+    run = root / "runs" / "r"
+    step_dir = run / "checkpoints" / "step-00000002"
+    step_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = HopeForCausalLM(tiny_config("attention"))
+    torch.save({"module": model.state_dict()}, step_dir / "mp_rank_00_model_states.pt")
+    run_cfg = {"data": {"path": "default", "cache_dir": ".cache/hope-data", "vocab_size": 320, "seq_len": 16}}
+    reads = [{"dataset": str((root / corpus / "shards").resolve()), "manifest": "-", "reads": 4}]
+    write_run_metadata(step_dir, tiny_config("attention"), run_cfg, 2, {"reads": reads})
+    (run / "checkpoints" / "latest").write_text("step-00000002")
+    return run
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ROOT with its content: to see that a refused export touched nothing."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(argv: list, capsys) -> tuple[int, str]:
+    """hope-export ARGV: (exit status, stderr)."""
+    from train.export import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_output_dir_holding_anything_but_a_previous_export_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import train.export as export
+
+    run = make_project(tmp_path / "project")
+    checkpoint = run / "checkpoints" / "step-00000002"
+    (tmp_path / "a-file").write_text("keep me")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me too")
+    before = tree(tmp_path)
+
+    def no_work(*args):
+        raise AssertionError("the weights were read before OUTPUT_DIR was checked")
+
+    monkeypatch.setattr(export, "consolidated_state_dict", no_work)
+    for source, out, why in [(run, run.parent, "contains"), (run, tmp_path, "contains"),
+                             (run, run, "is the very directory"), (run, run / "hf-out", "is inside"),
+                             (checkpoint, checkpoint / "out", "is inside"), (checkpoint, run / "export", "is inside"),
+                             (run, tmp_path / "a-file", "is not a directory"),
+                             (run, tmp_path / "notes", "neither empty nor a hope-export folder")]:
+        code, err = cli([source, out], capsys)
+        assert code == 2 and err.startswith(f"hope-export: {out}: ") and why in err and "\n" not in err, (out, err)
+        assert tree(tmp_path) == before, out  # nothing moved, replaced or deleted
+    monkeypatch.undo()
+
+    # a new path, an empty directory, and a previous export (replaced whole) are written
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "hf", tmp_path / "empty", tmp_path / "empty"):
+        code, err = cli([run, out, "--dtype", "fp32"], capsys)
+        assert code == 0, err
+        assert (out / "model.safetensors").is_file()
+        assert json.loads((out / "training_state.json").read_text())["step"] == 2
+    leftovers = [p for p in [*tmp_path.iterdir(), *(tmp_path / "new").iterdir()] if p.name.startswith(".")]
+    assert not leftovers  # no temporary or old folders
+
+    # the trainer's periodic export goes inside the run (RUN_DIR/hf) and replaces its own previous one
+    from train.export import export_step
+
+    for _ in range(2):
+        export_step(run, checkpoint, 2, dtype="fp32")
+    assert (run / "hf" / "step-00000002" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["latest", "step-00000002"]
+
+
+def test_tokenizer_changed_after_tokenizing_is_refused(tmp_path, capsys):
+    import hashlib
+
+    from data_pipeline.tokenizer import train_sentencepiece
+
+    run = make_project(tmp_path / "project")
+    manifest_path = next((tmp_path / "project" / ".cache").rglob("manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    tokenizer = tmp_path / "project" / manifest["tokenizer"]["path"]
+    train_sentencepiece(TOKENIZER_TEXT, tmp_path / "other.model", vocab_size=300, threads=1)  # a smaller vocabulary
+    tokenizer.write_bytes((tmp_path / "other.model").read_bytes())  # overwritten after the data was tokenized
+    actual = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16]
+    code, err = cli([run, tmp_path / "out"], capsys)
+    assert code == 2 and "\n" not in err, err
+    assert err == (f"hope-export: {tokenizer}: sha256 {actual}, but {manifest_path} records "
+                   f"{manifest['tokenizer']['fingerprint']}: the tokenizer changed after the data was tokenized; "
+                   "restore the original file")
+    assert not (tmp_path / "out").exists()
+
+    # a manifest without a digest: nothing to check against, the file found is exported as before
+    del manifest["tokenizer"]["fingerprint"]
+    manifest_path.write_text(json.dumps(manifest))
+    code, err = cli([run, tmp_path / "out"], capsys)
+    assert code == 0 and "warning" not in err, err
+    assert len(json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]) == 300
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _set_json(name: str, **fields):
+    def change(step_dir: Path) -> None:
+        path = step_dir / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return change
+
+
+@pytest.mark.parametrize("file, damage, says", [
+    ("mp_rank_00_model_states.pt", lambda d: _truncate(d / "mp_rank_00_model_states.pt"), "truncated or corrupt"),
+    ("mp_rank_00_model_states.pt", lambda d: (d / "mp_rank_00_model_states.pt").write_bytes(b""), "empty file"),
+    ("mp_rank_00_model_states.pt", lambda d: torch.save({"step": 2}, d / "mp_rank_00_model_states.pt"),
+     "KeyError: 'module'"),
+    ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text('{"step": 2,'), "not readable JSON"),
+    ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text("[2]"), "expected a JSON object, got list"),
+    ("trainer_state.json", _set_json("trainer_state.json", step="two"), "step is 'two', expected an integer >= 0"),
+    ("model_config.json", lambda d: (d / "model_config.json").write_text('{"hidden_'), "not readable JSON"),
+    ("model_config.json", _set_json("model_config.json", hidden_size="wide"), "not a valid model configuration"),
+    ("model_config.json", _set_json("model_config.json", num_heads=3), "model.num_heads: must divide hidden_size=32"),
+    ("config.yaml", lambda d: (d / "config.yaml").write_text("data: [\n"), "not readable YAML"),
+])
+def test_corrupt_checkpoint_file_is_one_line_naming_it(tmp_path, capsys, file, damage, says):
+    run = make_project(tmp_path / "project")
+    step_dir = run / "checkpoints" / "step-00000002"
+    damage(step_dir)
+    code, err = cli([run, tmp_path / "out"], capsys)
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"hope-export: {step_dir / file}") and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_truncated_zero_shard_is_one_line_naming_it(runs, tmp_path, capsys):
+    import shutil
+
+    cases = [("zero2", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "unlink",
+              "missing (expected one such file for each of ranks 0-1)"),
+             ("zero2", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "truncate", "truncated or corrupt"),
+             ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt", "unlink", "missing")]
+    for stage, name, how, says in cases:
+        run = tmp_path / f"{stage}-{how}"
+        shutil.copytree(runs / stage, run)
+        path = run / "checkpoints" / "step-00000001" / name
+        path.unlink() if how == "unlink" else _truncate(path)
+        code, err = cli([run, tmp_path / f"out-{stage}-{how}"], capsys)
+        assert code == 2 and "\n" not in err and err.startswith(f"hope-export: {path}: {says}"), err
+
+
+def test_model_config_that_does_not_fit_the_weights_is_one_line(tmp_path, capsys):
+    run = make_project(tmp_path / "project")
+    config = run / "checkpoints" / "step-00000002" / "model_config.json"
+    original = config.read_text()
+    for fields, says in [({"hidden_size": 64}, "model.embed_tokens.weight is [320, 32] in the checkpoint, [320, 64] by "
+                                               "the config"),
+                         ({"num_layers": 3}, "missing ['model.layers.2."),
+                         ({"num_layers": 1}, "unexpected ['model.layers.1.")]:
+        config.write_text(json.dumps({**json.loads(original), **fields}))
+        code, err = cli([run, tmp_path / "out"], capsys)
+        assert code == 2 and "\n" not in err, err
+        assert err.startswith(f"hope-export: {config} does not fit the checkpoint's weights: ") and says in err, err
+
+
+@pytest.mark.parametrize("size", ["lots", "500", "0GB", "5XB", "-1MB"])
+def test_bad_max_shard_size_is_an_argument_error(tmp_path, capsys, size):
+    from train.export import build_parser, main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "run"), str(tmp_path / "out"), f"--max-shard-size={size}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"hope-export: error: argument --max-shard-size: {size!r}: expected a "
+                                            "positive size with a unit, such as 500MB or 5GB (units KB, MB, GB, TB)")
+    assert build_parser().parse_args(["r", "o", "--max-shard-size", "2.5MB"]).max_shard_size == 2_500_000
+
+
+def test_export_from_another_directory_finds_the_tokenizer(tmp_path, monkeypatch):
+    import shutil
+
+    import sentencepiece as spm
+
+    from train.export import export_checkpoint
+
+    run = make_project(tmp_path / "project")
+    tokenizer = next((tmp_path / "project" / ".cache").rglob("tokenizer.model"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the run's config says data.cache_dir: .cache/hope-data
+
+    def exported_tokens(run: Path, out: Path) -> list[int]:
+        from transformers import AutoTokenizer
+
+        folder, warnings = export_checkpoint(run, out, dtype="fp32")
+        assert warnings == []
+        return AutoTokenizer.from_pretrained(folder)("x = 1  # hi")["input_ids"]
+
+    want = spm.SentencePieceProcessor(model_file=str(tokenizer)).encode("x = 1  # hi")
+    # the run directory inside the project it was trained in: the project is one of its parents
+    state_path = run / "checkpoints" / "step-00000002" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "data_state": {}}))  # here without the loader's record
+    assert exported_tokens(run, tmp_path / "out-1") == want
+    # the run moved out of the project: trainer_state.json's loader state names the dataset's absolute path
+    state_path.write_text(json.dumps(state))
+    (tmp_path / "scratch").mkdir()
+    shutil.move(run, tmp_path / "scratch" / "r")
+    assert exported_tokens(tmp_path / "scratch" / "r", tmp_path / "out-2") == want
 
 
 if __name__ == "__main__":
