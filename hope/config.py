@@ -44,6 +44,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Sizes that must be positive integers. Checked before the config is built: transformers' own
+# validation (PretrainedConfig.__init__) reads the head_dim property, hidden_size // num_heads,
+# which would fail with a traceback on a size like 'abc' or 0 before our message could name it.
+POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size",
+                       "projection_chunk_size", "conv_size", "max_position_embeddings")
+
+
+def check_positive_ints(values: dict[str, Any], source: str | None = None) -> None:
+    """Raise ModelConfigError naming the first of POSITIVE_INT_FIELDS in `values` that is not one."""
+    for key in POSITIVE_INT_FIELDS:
+        value = values[key]
+        if not _is_int(value) or value <= 0:
+            raise ModelConfigError(key, f"expected a positive integer, got {value!r}", source)
+
+
 class HopeConfig(PretrainedConfig):
     model_type = "hope"
 
@@ -159,11 +174,7 @@ class HopeConfig(PretrainedConfig):
         def fail(key: str, message: str):
             raise ModelConfigError(key, message, source)
 
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size",
-                    "projection_chunk_size", "conv_size", "max_position_embeddings"):
-            value = getattr(self, key)
-            if not _is_int(value) or value <= 0:
-                fail(key, f"expected a positive integer, got {value!r}")
+        check_positive_ints({key: getattr(self, key) for key in POSITIVE_INT_FIELDS}, source)
         if self.mixer not in MIXERS:
             fail("mixer", f"expected one of {list(MIXERS)}, got {self.mixer!r}")
         if self.hidden_size % self.num_heads:
@@ -251,6 +262,8 @@ class HopeConfig(PretrainedConfig):
                 raise ModelConfigError(key, f"expected a number, got {value!r}", source)
             elif isinstance(default, list) and not isinstance(value, (list, tuple)):
                 raise ModelConfigError(key, f"expected a list, got {value!r}", source)
+        # the sizes first: building the config evaluates head_dim (see POSITIVE_INT_FIELDS)
+        check_positive_ints({key: fields.get(key, getattr(defaults, key)) for key in POSITIVE_INT_FIELDS}, source)
         return cls(**fields).validate(source)
 
     # ------------------------------------------------------------------ FLOPs (docs/FLOPS.md)

@@ -1,6 +1,7 @@
 """The typed run config: loading, --set overrides, and one clear message per mistake."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,27 @@ def test_set_overrides_any_field_and_nested_deepspeed_keys(tmp_path):
     ("deepspeed.zero_optimization.stage=4", "deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got 4"),
     ("deepspeed.train_micro_batch_size_per_gpu=0", "deepspeed.train_micro_batch_size_per_gpu: expected a positive int"),
     ("deepspeed.fp16.enabled=true", "deepspeed.fp16.enabled: expected false"),
+    # the deepspeed section through DeepSpeed's own parser: unknown keys, wrong types, by their path
+    ("deepspeed.zero_optimization.stage=two", "deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got 'two'"),
+    ("deepspeed.zero_optimization.stage=2.0", "deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got 2.0"),
+    ("deepspeed.zero_optimisation={stage: 2}", ("deepspeed.zero_optimisation: unknown key (DeepSpeed does not read it; "
+                                                "did you mean zero_optimization?)")),
+    ("deepspeed.zero_optimization.overlapcomm=true", "deepspeed.zero_optimization.overlapcomm: unknown key"),
+    ("deepspeed.bf16.enabld=true", "deepspeed.bf16.enabld: unknown key"),
+    ("deepspeed.zero_optimization.offload_param={device: gpu}",
+     "deepspeed.zero_optimization.offload_param.device: expected 'none', 'cpu' or 'nvme', got 'gpu'"),
+    ("deepspeed.tensorboard={enabled: maybe}", "deepspeed.tensorboard.enabled: expected a valid boolean"),
+    ("deepspeed.wall_clock_breakdown=maybe", "deepspeed.wall_clock_breakdown: expected true or false, got 'maybe'"),
+    # keys the trainer sets itself, or that DeepSpeed would take in a way the trainer cannot run
+    ("deepspeed.optimizer={type: Adam}", "deepspeed.optimizer: leave it out: the optimizer is the run config's optimizer: section"),
+    ("deepspeed.scheduler={type: WarmupLR}", "deepspeed.scheduler: leave it out: the learning-rate schedule is train.schedule"),
+    ("deepspeed.zero_optimization.cpu_offload=true",  # DeepSpeed's old spelling of offload_optimizer: {device: cpu}
+     "deepspeed.zero_optimization.offload_optimizer: expected no optimizer offload"),
     ("model.hidden_size=-1", "model.hidden_size"),
+    # sizes are named before transformers' own checks divide by them
+    ("model.hidden_size=abc", "model.hidden_size: expected a positive integer, got 'abc'"),
+    ("model.num_heads=abc", "model.num_heads: expected a positive integer, got 'abc'"),
+    ("model.num_heads=0", "model.num_heads: expected a positive integer, got 0"),
     ("model.no_such_field=1", "model.no_such_field: unknown key"),
     ("model.config=nonexistent-model", "model.config: no model config 'nonexistent-model'"),
 ])
@@ -121,10 +142,39 @@ def test_check_plans_a_run_for_any_world_size_without_starting_it(tmp_path, caps
         assert main([str(path), "--check", "--set", "data.path=default" if "mixture" in data else "data.seq_len=32",
                      "--set", data, "--set", "model.max_position_embeddings=100000"]) == 2, data
         assert message in capsys.readouterr().err, data
+    truncated = write_dataset(tmp_path / "truncated", vocab=4096)  # a shard cut short: the loaders refuse it
+    shard = sorted(truncated.glob("train-*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main([str(path), "--check", "--set", f"data.path={truncated}"]) == 2
+    assert f"{shard}: truncated shard" in capsys.readouterr().err
     fixed = write(tmp_path, {**BASE, "deepspeed": {**BASE["deepspeed"], "train_batch_size": 8}}, "fixed.yaml")
     assert main([str(fixed), "--check", "--world-size", "3"]) == 2
     assert "deepspeed.train_batch_size: expected a multiple of micro batch 2 x 3 ranks, got 8" in capsys.readouterr().err
     assert main([str(path)]) == 2 and "--run-dir is required to train" in capsys.readouterr().err
+
+
+def test_bf16_needs_zero_stage_1_or_more(tmp_path):
+    message = refused(tmp_path, BASE, "deepspeed.zero_optimization.stage=0", "deepspeed.bf16.enabled=true")
+    assert "deepspeed.bf16.enabled: expected false with deepspeed.zero_optimization.stage=0" in message, message
+    load_config(write(tmp_path, BASE), ["deepspeed.bf16.enabled=true"])  # stage 1
+
+
+def test_check_refuses_a_deepspeed_typo_in_one_line(tmp_path, capsys):
+    from train.cli import main
+
+    path = write(tmp_path, BASE)
+    assert main([str(path), "--check", "--set", "deepspeed.zero_optimisation={stage: 2}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"hope-train: error: {path}: deepspeed.zero_optimisation: unknown key (DeepSpeed does not read it; "
+                   f"did you mean zero_optimization?)\n"), err
+
+
+def test_periodic_exports_keep_two_checkpoints(tmp_path):
+    """An export reads its step's checkpoint in the background; with one kept, the next save deletes it."""
+    message = refused(tmp_path, BASE, "train.hf_export_every=5", "train.keep_checkpoints=1")
+    assert "train.keep_checkpoints: expected at least 2 with train.hf_export_every=5" in message, message
+    load_config(write(tmp_path, BASE), ["train.keep_checkpoints=1"])  # no exports: one checkpoint is enough
+    load_config(write(tmp_path, BASE), ["train.hf_export_every=5", "train.keep_checkpoints=2"])
 
 
 def test_compile_is_refused_under_zero3(tmp_path):
@@ -237,3 +287,30 @@ def test_a_mixture_names_its_directories_and_positive_weights(tmp_path):
     ]:
         data = {**BASE, "data": {"path": path, "mixture": mixture, "seq_len": 32}}
         assert expected in refused(tmp_path, data)
+
+
+def test_a_mixture_names_each_dataset_once_however_spelled(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "manifest.json").write_text("{}")
+    (tmp_path / "link").symlink_to(a)
+    for other in (f"{a}/", os.path.relpath(a), f"{tmp_path}/./a", f"{a}/manifest.json", str(tmp_path / "link")):
+        data = {**BASE, "data": {"mixture": {str(a): 1, other: 1}, "seq_len": 32}}
+        message = refused(tmp_path, data)  # both spellings named (in the YAML's order: write() sorts keys)
+        assert f"data.mixture: expected each dataset once, got '" in message, message
+        assert f"'{a}'" in message and f"'{other}'" in message and f"(both {a.resolve()})" in message, message
+    # remote: compared as normalised strings (an override keeps the order as written)
+    message = refused(tmp_path, BASE, "data.mixture={memory://bucket/web: 1, memory://bucket//web/: 1}")
+    assert ("data.mixture: expected each dataset once, got 'memory://bucket/web' and 'memory://bucket//web/' "
+            "(both memory://bucket/web)") in message, message
+
+
+def test_a_dataset_named_by_its_manifest_is_its_directory(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for directory in (a, b):
+        directory.mkdir()
+        (directory / "manifest.json").write_text("{}")
+    config = load_config(write(tmp_path, BASE), [f"data.path={a}/manifest.json"])
+    assert config.data.path == str(a)
+    config = load_config(write(tmp_path, BASE), [f"data.mixture={{{a}/manifest.json: 1, {b}: 1}}"])
+    assert config.data.mixture == {str(a): 1.0, str(b): 1.0}

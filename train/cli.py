@@ -10,13 +10,43 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import socket
 import sys
+from pathlib import Path
 
 
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return int(text)
+
+
+def check_run_dir(run_dir: str) -> str | None:
+    """Why `run_dir` cannot hold a run (one line), or None; creates it. Every rank checks, before any
+    process group starts, so a bad path stops them all alike instead of failing on rank 0 only."""
+    path = Path(run_dir)
+    where = f"--run-dir {run_dir}"
+    if path.exists() and not path.is_dir():
+        return f"{where}: a file is there; expected a directory (a new one, or an earlier run's to resume it)"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{where}: {parent} is a file, so no directory can be made under it"
+    # what the trainer writes there, if an earlier run left it, must be of the right kind
+    for name, directory in (("checkpoints", True), ("checkpoints/latest", False), ("metrics.jsonl", False)):
+        inside = path / name
+        if inside.exists() and inside.is_dir() != directory:
+            kinds = ("directory", "file") if directory else ("file", "directory")
+            return f"{where}: {inside} is a {kinds[1]}; expected a {kinds[0]}"
+    try:  # permissions as the file system applies them (also to root, read-only mounts, ACLs)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".hope-train-write-test-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return f"{where}: cannot write there ({error.strerror or error}: {error.filename or path})"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         print("hope-train: error: --run-dir is required to train (only --check goes without)", file=sys.stderr)
         return 2
 
-    from .checkpoint import CheckpointError
+    problem = check_run_dir(args.run_dir)
+    if problem is not None:
+        print(f"hope-train: error: {problem}", file=sys.stderr)
+        return 2
+
+    from .checkpoint import CheckpointError, ResumeError
     from .trainer import Trainer, TrainingError
 
     try:
@@ -77,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         step = trainer.fit()
     except (ConfigError, DataError) as error:
         print(f"hope-train: error: {error}", file=sys.stderr)
+        return 2
+    except ResumeError as error:  # the same message on every rank: printed once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"hope-train: error: {error}", file=sys.stderr)
         return 2
     except (CheckpointError, TrainingError) as error:
         print(f"hope-train: error: {error}", file=sys.stderr)

@@ -13,14 +13,18 @@ from .config import RunConfig, load_model_config, resolve_batch
 from .metrics import amount
 
 
-def plan_line(model: str, n_params: int, world_size: int, ds: dict, seq_len: int, max_steps: int, data: str) -> str:
-    """`ds`: DeepSpeed's resolved batch keys; `data`: how often the data is read (`epochs_read`)."""
+def plan_line(model: str, n_params: int, world_size: int, ds: dict, seq_len: int, max_steps: int, data: str,
+              tokens: int | None = None) -> str:
+    """`ds`: DeepSpeed's resolved batch keys; `data`: how often the data is read (`epochs_read`); `tokens`:
+    the run's tokens by max_steps when not max_steps x this batch (resumed from steps of another batch)."""
     micro, accumulation, batch = (ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                                       "train_batch_size"))
+    if tokens is None:
+        tokens = max_steps * batch * seq_len
     return (f"model {model}: {amount(n_params)} parameters | {world_size} rank{'s' if world_size > 1 else ''} x "
             f"micro-batch {micro} x accumulation {accumulation} = {batch} sequences of {seq_len} = "
             f"{batch * seq_len:,} tokens/step | {max_steps:,} step{'s' if max_steps > 1 else ''} = "
-            f"{amount(max_steps * batch * seq_len)} tokens, {data}")
+            f"{amount(tokens)} tokens, {data}")
 
 
 def epochs_read(epochs: dict[str, float]) -> str:
@@ -43,6 +47,7 @@ def check(config: RunConfig, world_size: int) -> str:
     from data_pipeline.mixture import MixturePattern, dataset_labels
     from data_pipeline.packed import split_samples
     from data_pipeline.shards import read_manifest
+    from data_pipeline.verify import check_shard_files
     from hope import HopeForCausalLM
 
     d, t = config.data, config.train
@@ -62,7 +67,8 @@ def check(config: RunConfig, world_size: int) -> str:
     manifests = [(location, read_manifest(location)) for location in sources]
     check_same_tokenizer([(location, manifest) for location, (_, _, manifest) in manifests])
     samples = []
-    for location, (_, directory, manifest) in manifests:
+    for location, (fs, directory, manifest) in manifests:
+        check_shard_files(fs, directory, manifest)  # header and size, as the loaders check them when they open
         check_model_vocab(location, manifest, model_config.vocab_size)
         per_shard = d.shuffle_window_shards > 0  # windows of shards (train split) pack each shard on its own
         samples.append(split_samples(manifest, "train", d.seq_len + 1, directory, per_shard))

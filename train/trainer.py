@@ -16,6 +16,7 @@ and SIGUSR1 (preemption) make every rank save a checkpoint at the end of the cur
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -27,9 +28,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import CheckpointManager, TrainerState, rng_state, set_rng_state
+from .checkpoint import (Checkpoint, CheckpointManager, ResumeError, TrainerState, config_changes, rng_state,
+                         set_rng_state)
 from .compile import compile_blocks
-from .config import RunConfig, load_model_config, resolve_batch
+from .config import ConfigError, RunConfig, load_model_config, resolve_batch
 from .distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from .export import export_during_training
 from .metrics import MetricsSink, device_peak_flops, peak_memory_gb
@@ -97,6 +99,14 @@ class Trainer:
         # Model config first: the loader checks the tokens against its vocabulary.
         self.model_config = load_model_config(config.model, config.source)
 
+        # The checkpoint to resume from, checked (by every rank, agreeing) before anything is built:
+        # a damaged one, or a config that changes what it fixes, stops the run here with one line.
+        self.checkpoints = CheckpointManager(self.run_dir, self.world, t.keep_checkpoints, t.portable_checkpoint)
+        self.checkpoints.clean_partial_saves()
+        self.resume_from = self.checkpoints.find_resumable()
+        if self.resume_from is not None:
+            self._check_resume(self.resume_from)
+
         # Data: the embedded corpus is prepared once (rank 0 first, the others then find it ready).
         data_dir = d.mixture or d.path  # {directory: weight} or one directory
         if data_dir == "default":
@@ -121,18 +131,20 @@ class Trainer:
         self.base_optimizer = optimizer
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         attach_engine(self.engine)
-        self.checkpoints = CheckpointManager(self.run_dir, self.world, t.keep_checkpoints, t.portable_checkpoint)
         self.state = TrainerState(world_size=self.world.size)
         self.preemption = PreemptionFlag()
         self.flops_per_token = self.model_config.flops_per_token(d.seq_len)
         self.peak_flops = device_peak_flops(self.world.device, t.peak_tflops)
 
     def _plan(self) -> str:
-        """The run in one line (train/plan.py), the epochs counting the reads so far."""
-        epochs = self.loader.planned_epochs(self.config.train.max_steps * self.global_batch)
+        """The run in one line (train/plan.py), the epochs and tokens counting those read so far (the
+        steps before a resume may have had another global batch)."""
+        left = max(self.config.train.max_steps - self.state.step, 0)
+        epochs = self.loader.planned_epochs(self.loader.state_dict()["samples_consumed"] + left * self.global_batch)
         labels = self.val_loaders  # the datasets' labels, in the loader's order ('' for a single one)
         return plan_line(self.config.model.config, self.n_params, self.world.size, self.ds_config,
-                         self.config.data.seq_len, self.config.train.max_steps, epochs_read(dict(zip(labels, epochs))))
+                         self.config.data.seq_len, self.config.train.max_steps, epochs_read(dict(zip(labels, epochs))),
+                         tokens=self.state.tokens_seen + left * self.tokens_per_step)
 
     def _open_loader(self, split: str, global_batch: int, data_dir):
         from data_pipeline import TokenLoader
@@ -155,23 +167,73 @@ class Trainer:
                 for label, (path, weight) in zip(dataset_labels(list(data_dir)), data_dir.items())}
 
     # ------------------------------------------------------------------ resume
+    def _check_resume(self, checkpoint: Checkpoint) -> None:
+        """Refuse a config that changes what the checkpoint fixes (the model, the optimizer, the seed,
+        the sequence length: checkpoint.config_changes), and choose how its state is read. Every rank
+        decides alike: the same files and the same config."""
+        changes = config_changes(checkpoint, self.config.to_dict(), self.model_config.to_dict())
+        if changes:
+            shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+            them = "it" if len(changes) == 1 else "them"
+            allow = ""
+            if any(change.startswith("data.seq_len:") for change in changes):
+                allow = ", or let data.seq_len change with data.allow_changed_data: true"
+            raise ResumeError(f"cannot resume from {checkpoint.path}: this config changes what the checkpoint "
+                              f"fixes: {shown}. Set {them} back (the checkpoint's config: "
+                              f"{checkpoint.path / 'config.yaml'}){allow}, or give another --run-dir for a new run")
+        zero = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        bf16 = self.ds_config.get("bf16", {}).get("enabled", False)
+        self.resume_portable = self.checkpoints.needs_portable(checkpoint, zero, bf16)
+
+    def _resume_warnings(self, checkpoint: Checkpoint) -> list[str]:
+        """What changed on resume that the run goes on with, but the user should know: the global batch
+        (micro-batch x accumulation x ranks) and, with data.allow_changed_data, the sequence length."""
+        warnings = []
+        try:
+            before = resolve_batch(checkpoint.config["deepspeed"], checkpoint.state.world_size,
+                                   str(checkpoint.path / "config.yaml"))
+        except (KeyError, TypeError, ConfigError):  # a config from other code: nothing to compare
+            before = None
+        if before is not None and before["train_batch_size"] != self.global_batch:
+            def batch(world_size: int, ds: dict) -> str:
+                return (f"{world_size} rank{'s' if world_size > 1 else ''} x micro-batch "
+                        f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} = "
+                        f"{ds['train_batch_size']}")
+
+            keep = before["train_batch_size"]
+            hint = (f"; --set deepspeed.train_batch_size={keep} keeps the checkpoint's"
+                    if keep % (self.micro * self.world.size) == 0 else "")
+            warnings.append(
+                f"warning: the global batch changed on resume: {batch(checkpoint.state.world_size, before)} sequences "
+                f"per step before, {batch(self.world.size, self.ds_config)} now. The data goes on from the checkpoint's "
+                f"position (no sample repeated or skipped), but the steps left read {self.global_batch} sequences "
+                f"each{hint}")
+        seq_len = (checkpoint.config.get("data") or {}).get("seq_len")
+        if seq_len is not None and seq_len != self.config.data.seq_len:  # refused without allow_changed_data
+            warnings.append(
+                f"warning: data.seq_len changed on resume ({seq_len} -> {self.config.data.seq_len}, allowed by "
+                f"data.allow_changed_data): the data goes on from sample {self.loader.state_dict()['samples_consumed']} "
+                "of the new length, not from the checkpoint's token")
+        return warnings
+
     def resume_if_possible(self) -> None:
-        self.checkpoints.clean_partial_saves()
-        tag = self.checkpoints.latest_tag()
-        if tag is None:
+        checkpoint = self.resume_from
+        if checkpoint is None:
             return
-        state, rank_state = self.checkpoints.load(self.engine, tag)
+        rank_state = self.checkpoints.load(self.engine, checkpoint, self.resume_portable)
+        state = checkpoint.state
         allow = self.config.data.allow_changed_data
         if rank_state is not None:  # same world size: this rank's exact loader position and RNG
             self.loader.load_state_dict(rank_state["data"], allow_changed_manifest=allow)
             set_rng_state(rank_state["rng"])
         else:  # new world size: the global position (rank 0's state) carries over
             self.loader.load_state_dict(state.data_state, allow_changed_manifest=allow)
-        state.world_size = self.world.size
-        self.state = state
-        self._log_main(f"resumed from {self.checkpoints.root / tag} at step {state.step}")
+        self.state = dataclasses.replace(state, world_size=self.world.size)  # the checkpoint's own stays as saved
+        self._log_main(f"resumed from {checkpoint.path} at step {state.step}")
         if self.loader.data_change:
             self._log_main(self.loader.data_change)
+        for warning in self._resume_warnings(checkpoint):
+            self._log_main(warning)
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self) -> tuple[list[torch.Tensor], float]:
