@@ -61,6 +61,13 @@ def check_positive_ints(values: dict[str, Any], source: str | None = None) -> No
 
 class HopeConfig(PretrainedConfig):
     model_type = "hope"
+    # Fields that choose how the same model is computed, not what it is: a checkpoint made with one
+    # value resumes (or exports) with another.
+    execution_fields = frozenset({
+        "memory_kernel", "memory_cuda_graphs", "memory_precision",  # the same memories, other kernels
+        "gradient_checkpointing_layers",  # recompute in the backward instead of storing
+        "max_position_embeddings",  # no weights (RoPE): the context the export announces
+    })
 
     def __init__(
         self,

@@ -172,11 +172,12 @@ def test_a_save_replaces_a_checkpoint_left_from_before_a_rollback(tmp_path):
 
 # ---------------------------------------------------------------------------- resuming: changed configs
 def test_a_resume_refuses_changes_of_what_the_checkpoint_fixes_and_allows_the_rest():
-    def run_config(*sets: str) -> tuple[dict, dict]:
+    def run_config(*sets: str) -> tuple[dict, dict, frozenset]:
         config = load_config(REPO / "configs" / "train" / "tiny-cpu.yaml", list(sets))
-        return config.to_dict(), load_model_config(config.model, config.source).to_dict()
+        model = load_model_config(config.model, config.source)
+        return config.to_dict(), model.to_dict(), model.execution_fields
 
-    saved, saved_model = run_config()
+    saved, saved_model, _ = run_config()
     # what the checkpoint file holds: the YAML and JSON the trainer wrote
     checkpoint = Checkpoint(Path("ckpt"), TrainerState(), yaml.safe_load(yaml.safe_dump(saved, sort_keys=False)),
                             json.loads(json.dumps(saved_model, sort_keys=True)))

@@ -142,14 +142,9 @@ def _count(value) -> bool:
 # What a checkpoint fixes (docs/TRAINING.md, Checkpoints, "What a resume may change"): every field of
 # the model and of the optimizer (their weights and state were made by them), train.seed (the data
 # order) and data.seq_len (the loader's position counts sequences of that length;
-# data.allow_changed_data lets it change). Of the model and the optimizer these fields may change, as
-# they do not change what was learned:
-FREE_MODEL_KEYS = frozenset({
-    "memory_kernel", "memory_cuda_graphs", "memory_precision",  # the same memories, computed by other kernels
-    "gradient_checkpointing_layers",  # recompute in the backward instead of storing
-    "max_position_embeddings",  # no weights (RoPE): the context the export announces
-    "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",  # Hugging Face's bookkeeping
-})
+# data.allow_changed_data lets it change). The model config names its fields that may change
+# (`execution_fields`: how it is computed); of the optimizer, the lr may:
+HF_BOOKKEEPING_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"})
 FREE_OPTIMIZER_KEYS = frozenset({"lr"})  # the schedule's peak: the trainer sets every group's lr at each step
 # Everything else of `train` may change (steps, schedule, intervals, ...). Of `data` the loader checks the
 # rest itself (its fingerprint: the datasets, mixture and shuffle window). Of `deepspeed` the batch may
@@ -165,9 +160,11 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def config_changes(checkpoint: Checkpoint, config: dict, model_config: dict) -> list[str]:
+def config_changes(checkpoint: Checkpoint, config: dict, model_config: dict,
+                   execution_fields: frozenset[str] = frozenset()) -> list[str]:
     """`key: old -> new` for every value the checkpoint fixes that `config` (RunConfig.to_dict()) and
-    `model_config` (HopeConfig.to_dict()) change. Keys only one side has (saved by other code) are skipped."""
+    `model_config` (the model config's to_dict(); its `execution_fields` may change) change. Keys only
+    one side has (saved by other code) are skipped."""
     changes: list[str] = []
 
     def compare(prefix: str, old: dict, new: dict, free=frozenset()):
@@ -181,7 +178,7 @@ def config_changes(checkpoint: Checkpoint, config: dict, model_config: dict) -> 
         return {key: section[key]} if isinstance(section, dict) and key in section else {}
 
     saved, config = checkpoint.config, _normal(config)
-    compare("model.", checkpoint.model_config, _normal(model_config), FREE_MODEL_KEYS)
+    compare("model.", checkpoint.model_config, _normal(model_config), execution_fields | HF_BOOKKEEPING_KEYS)
     compare("optimizer.", saved.get("optimizer") or {}, config["optimizer"], FREE_OPTIMIZER_KEYS)
     compare("train.", only(saved.get("train"), "seed"), only(config["train"], "seed"))
     if not config["data"].get("allow_changed_data"):

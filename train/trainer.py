@@ -171,7 +171,8 @@ class Trainer:
         """Refuse a config that changes what the checkpoint fixes (the model, the optimizer, the seed,
         the sequence length: checkpoint.config_changes), and choose how its state is read. Every rank
         decides alike: the same files and the same config."""
-        changes = config_changes(checkpoint, self.config.to_dict(), self.model_config.to_dict())
+        changes = config_changes(checkpoint, self.config.to_dict(), self.model_config.to_dict(),
+                                 getattr(self.model_config, "execution_fields", frozenset()))
         if changes:
             shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
             them = "it" if len(changes) == 1 else "them"
