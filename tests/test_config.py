@@ -297,7 +297,7 @@ def test_a_mixture_names_each_dataset_once_however_spelled(tmp_path):
     for other in (f"{a}/", os.path.relpath(a), f"{tmp_path}/./a", f"{a}/manifest.json", str(tmp_path / "link")):
         data = {**BASE, "data": {"mixture": {str(a): 1, other: 1}, "seq_len": 32}}
         message = refused(tmp_path, data)  # both spellings named (in the YAML's order: write() sorts keys)
-        assert f"data.mixture: expected each dataset once, got '" in message, message
+        assert "data.mixture: expected each dataset once, got '" in message, message
         assert f"'{a}'" in message and f"'{other}'" in message and f"(both {a.resolve()})" in message, message
     # remote: compared as normalised strings (an override keeps the order as written)
     message = refused(tmp_path, BASE, "data.mixture={memory://bucket/web: 1, memory://bucket//web/: 1}")
