@@ -32,6 +32,7 @@ import numpy as np
 from data_pipeline.errors import DataError
 from data_pipeline.shards import HEADER_SIZE, Manifest, ShardInfo, decode_header, token_dtype
 from data_pipeline.storage import atomic_write_local, is_local, join
+from data_pipeline.verify import check_shard
 
 DEFAULT_CACHE = Path(os.environ.get("HOPE_DATA_CACHE", Path.home() / ".cache" / "hope-data" / "shards"))
 READ_AHEAD_THREADS = 4  # concurrent shard downloads: one stream rarely fills a node's link to object storage
@@ -171,13 +172,7 @@ class PackedSplit:
         size = os.path.getsize(local)
         with open(local, "rb") as f:
             header = decode_header(f.read(HEADER_SIZE), path)
-        expected = HEADER_SIZE + self._dtype.itemsize * shard.num_tokens
-        if size < expected:
-            raise DataError(f"{path}: truncated shard, {size} bytes, the manifest expects {expected}")
-        if size != expected or header.num_tokens != shard.num_tokens or header.itemsize != self._dtype.itemsize:
-            raise DataError(f"{path}: shard does not match the manifest (header: {header.num_tokens} tokens "
-                            f"of {header.itemsize} bytes, {size} bytes on disk; manifest: {shard.num_tokens} "
-                            f"tokens, {expected} bytes)")
+        check_shard(path, size, header, shard, self.manifest)
         if shard.num_tokens == 0:
             return np.zeros(0, self._dtype)
         return np.memmap(local, dtype=self._dtype, mode="r", offset=HEADER_SIZE, shape=(shard.num_tokens,))

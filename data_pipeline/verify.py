@@ -72,6 +72,12 @@ def check_shard_files(fs, directory: str, manifest: Manifest) -> None:
         raise DataError(problems[0] + more)
 
 
+def check_shard(path: str, size: int, header: ShardHeader, shard: ShardInfo, manifest: Manifest) -> None:
+    """DataError if a shard file of `size` bytes with `header` is not what the manifest lists."""
+    _check_size(path, size, shard)
+    _check_header(path, header, shard, manifest)
+
+
 def _check_size(path: str, size: int, shard: ShardInfo) -> None:
     if size != shard.num_bytes:
         raise DataError(f"{path}: {'truncated' if size < shard.num_bytes else 'oversized'} shard, "
@@ -98,8 +104,7 @@ def _verify_shard(fs, path: str, shard: ShardInfo, manifest: Manifest) -> None:
             digest.update(block)
             size += len(block)
     header = decode_header(header_bytes, path)
-    _check_size(path, size, shard)
-    _check_header(path, header, shard, manifest)
+    check_shard(path, size, header, shard, manifest)
     if digest.hexdigest() != shard.sha256:
         raise DataError(f"{path}: checksum mismatch (sha256 {digest.hexdigest()[:16]}..., manifest "
                         f"{shard.sha256[:16]}...): the shard is corrupt")
