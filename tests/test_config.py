@@ -97,6 +97,8 @@ def test_set_overrides_any_field_and_nested_deepspeed_keys(tmp_path):
      "deepspeed.zero_optimization.offload_optimizer: expected no optimizer offload"),
     ("model.hidden_size=-1", "model.hidden_size"),
     # sizes are named before transformers' own checks divide by them
+    ("deepspeed.steps_per_print=abc", "deepspeed.steps_per_print: expected an int, got 'abc'"),
+    ("deepspeed.steps_per_print=0", "deepspeed.steps_per_print: expected a positive int, got 0"),
     ("model.hidden_size=abc", "model.hidden_size: expected a positive integer, got 'abc'"),
     ("model.num_heads=abc", "model.num_heads: expected a positive integer, got 'abc'"),
     ("model.num_heads=0", "model.num_heads: expected a positive integer, got 0"),
@@ -314,3 +316,14 @@ def test_a_dataset_named_by_its_manifest_is_its_directory(tmp_path):
     assert config.data.path == str(a)
     config = load_config(write(tmp_path, BASE), [f"data.mixture={{{a}/manifest.json: 1, {b}: 1}}"])
     assert config.data.mixture == {str(a): 1.0, str(b): 1.0}
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads `3e-4` as a string; configs read it as YAML 1.2 and Python do
+    text = yaml.safe_dump(BASE)
+    assert "lr: 0.001" in text
+    (tmp_path / "run.yaml").write_text(text.replace("lr: 0.001", "lr: 3e-4"))
+    config = load_config(tmp_path / "run.yaml", ["deepspeed.zero_optimization.reduce_bucket_size=5e8"])
+    assert config.optimizer.lr == 3e-4
+    assert config.deepspeed["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert load_config(tmp_path / "run.yaml", ["optimizer.lr=2E-3"]).optimizer.lr == 2e-3

@@ -376,8 +376,10 @@ def test_output_dir_holding_anything_but_a_previous_export_is_refused_before_any
     assert sorted(p.name for p in (run / "hf").iterdir()) == ["latest", "step-00000002"]
 
 
-def test_tokenizer_changed_after_tokenizing_is_refused(tmp_path, capsys):
+def test_tokenizer_changed_after_tokenizing_is_refused(tmp_path, capsys, monkeypatch):
     import hashlib
+
+    import train.export
 
     from data_pipeline.tokenizer import train_sentencepiece
 
@@ -388,7 +390,9 @@ def test_tokenizer_changed_after_tokenizing_is_refused(tmp_path, capsys):
     train_sentencepiece(TOKENIZER_TEXT, tmp_path / "other.model", vocab_size=300, threads=1)  # a smaller vocabulary
     tokenizer.write_bytes((tmp_path / "other.model").read_bytes())  # overwritten after the data was tokenized
     actual = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16]
-    code, err = cli([run, tmp_path / "out"], capsys)
+    with monkeypatch.context() as patch:  # refused before the weights are read (minutes for a 1.3B model)
+        patch.setattr(train.export, "load_model", lambda info: pytest.fail("weights read before the check"))
+        code, err = cli([run, tmp_path / "out"], capsys)
     assert code == 2 and "\n" not in err, err
     assert err == (f"hope-export: {tokenizer}: sha256 {actual}, but {manifest_path} records "
                    f"{manifest['tokenizer']['fingerprint']}: the tokenizer changed after the data was tokenized; "
@@ -425,6 +429,7 @@ def _set_json(name: str, **fields):
     ("model_config.json", lambda d: (d / "model_config.json").write_text('{"hidden_'), "not readable JSON"),
     ("model_config.json", _set_json("model_config.json", hidden_size="wide"), "not a valid model configuration"),
     ("model_config.json", _set_json("model_config.json", num_heads=3), "model.num_heads: must divide hidden_size=32"),
+    ("model_config.json", _set_json("model_config.json", num_heads=0), "num_heads: expected a positive integer, got 0"),
     ("config.yaml", lambda d: (d / "config.yaml").write_text("data: [\n"), "not readable YAML"),
 ])
 def test_corrupt_checkpoint_file_is_one_line_naming_it(tmp_path, capsys, file, damage, says):
@@ -444,12 +449,16 @@ def test_missing_or_truncated_zero_shard_is_one_line_naming_it(runs, tmp_path, c
               "missing (expected one such file for each of ranks 0-1)"),
              ("zero2", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "truncate", "truncated or corrupt"),
              ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt", "unlink", "missing")]
+    cases.append(("zero2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "unlink", "missing"))
     for stage, name, how, says in cases:
-        run = tmp_path / f"{stage}-{how}"
+        run = tmp_path / f"{stage}-{how}-{name[:4]}"
         shutil.copytree(runs / stage, run)
+        if name.startswith("bf16_"):  # bf16 runs name their ZeRO files so
+            for file in (run / "checkpoints" / "step-00000001").glob("zero_pp_rank_*"):
+                file.rename(file.with_name("bf16_" + file.name))
         path = run / "checkpoints" / "step-00000001" / name
         path.unlink() if how == "unlink" else _truncate(path)
-        code, err = cli([run, tmp_path / f"out-{stage}-{how}"], capsys)
+        code, err = cli([run, tmp_path / f"out-{stage}-{how}-{name[:4]}"], capsys)
         assert code == 2 and "\n" not in err and err.startswith(f"hope-export: {path}: {says}"), err
 
 

@@ -198,20 +198,28 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, world: World, keep: int, portable: bool = True):
         self.root = Path(run_dir) / "checkpoints"
         self.world, self.keep, self.portable = world, keep, portable
+        self.note = ""  # what the run should know about how its checkpoint was found
 
     # ------------------------------------------------------------------ reading
     def latest_tag(self) -> str | None:
-        """The tag `latest` names; None for a new run. ResumeError if it names no complete checkpoint,
-        or if there are checkpoints but no `latest` (a new run there would mix with them)."""
+        """The tag `latest` names; None for a new run. ResumeError if it names no complete checkpoint.
+        Checkpoints without `latest` (a crash between a save's rename and writing `latest`): the newest
+        one that reads, said in `self.note` (a new run there would save among them and prune them)."""
         path = self.root / LATEST
         if path.exists() and not path.is_file():
             raise ResumeError(f"{path} is not a file: expected a file naming the checkpoint to resume")
         if not path.exists():
-            saved = self._tags()
-            if saved:  # a new run here would save between them and prune them
-                raise ResumeError(f"{self.root} holds checkpoints but no `latest` naming the one to resume: "
-                                  f"echo {saved[-1]} > {path} (or the tag of another) and run again, or give "
-                                  "another --run-dir for a new run")
+            for tag in reversed(self._tags()):
+                try:
+                    self._read(self.root / tag)
+                except _Damaged:
+                    continue
+                self.note = (f"warning: {path} is missing (a crash right after a save?): resuming from the newest "
+                             f"complete checkpoint, {tag}")
+                return tag
+            if self._tags():
+                raise ResumeError(f"{self.root} holds no complete checkpoint and no `latest`: start a new run "
+                                  "with another --run-dir")
             return None
         try:
             tag = path.read_text().strip()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,22 @@ def from_dict(cls, data: dict, prefix: str, source: str):
     return cls(**{k: _convert(v, hints[k], f"{prefix}.{k}", source) for k, v in data.items()})
 
 
+# ---------------------------------------------------------------------------- reading YAML
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where a float needs a dot: `lr: 3e-4` and `5e8` would be strings.
+    Configs write them as YAML 1.2 (and Python) read them: numbers."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 # ---------------------------------------------------------------------------- overrides
 def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
     """Apply `section.key.sub=value` to the raw YAML dict; the value is parsed as a YAML scalar."""
@@ -191,7 +208,7 @@ def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
     if len(keys) < 2 or not all(keys):
         raise ConfigError(f"{source} {assignment!r}: expected section.key=value, e.g. train.max_steps=10")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = read_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"{source} {assignment!r}: the value is not valid YAML ({error})") from None
     node = raw
@@ -234,7 +251,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override, type-check and validate a run config (the model config included)."""
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = read_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except yaml.YAMLError as error:

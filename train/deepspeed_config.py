@@ -153,9 +153,19 @@ def deepspeed_baseline() -> DeepSpeedParse:
 _PLAIN_TYPES = {bool: bool, int: int, float: float, str: str, dict: dict[str, Any], list: list[Any]}
 
 
+# Keys whose DeepSpeed default is None (so it offers no type to check against) and what they take.
+TYPES_OF_KEYS_WITHOUT_DEFAULT = {"steps_per_print": int, "log_level": str, "vocabulary_size": int}
+
+
 def check_type_deepspeed_expects(key: str, value: Any, source: str) -> None:
     """A key whose defaults in DeepSpeed are all of one plain type takes that type: DeepSpeed's
     parser would let `wall_clock_breakdown: maybe` through, to fail in the middle of training."""
+    if key in TYPES_OF_KEYS_WITHOUT_DEFAULT:
+        if value is not None:
+            _convert(value, TYPES_OF_KEYS_WITHOUT_DEFAULT[key], f"deepspeed.{key}", source)
+        if key == "steps_per_print" and value is not None and value < 1:  # the engine takes step % it
+            raise ConfigError(f"{source}: deepspeed.steps_per_print: expected a positive int, got {value!r}")
+        return
     offered = {type(default) for default in deepspeed_baseline().defaults.get(key, [])}
     if len(offered) == 1:
         (kind,) = offered

@@ -32,6 +32,7 @@ import yaml
 
 import hope
 from hope import HopeConfig, HopeForCausalLM
+from hope.config import POSITIVE_INT_FIELDS, check_positive_ints
 
 from .checkpoint import LATEST, fsync_tree, tag_for, write_atomic
 
@@ -123,6 +124,8 @@ def read_count(state: dict, key: str, path: Path, default: int, least: int) -> i
 def read_model_config(path: Path) -> HopeConfig:
     fields = read_json_object(path)
     try:
+        # the sizes first: building the config divides by num_heads
+        check_positive_ints({key: fields.get(key, getattr(HopeConfig(), key)) for key in POSITIVE_INT_FIELDS})
         return HopeConfig(**fields).validate()
     except Exception as error:  # TypeError, ModelConfigError, or huggingface_hub's StrictDataclassError
         raise ExportError(f"{path}: not a valid model configuration: {one_line(error)}") from None
@@ -147,13 +150,15 @@ def check_weight_files(checkpoint: Path, world_size: int) -> None:
     """Name a missing, empty or truncated weights file before DeepSpeed or torch.load fails on it
     with a traceback that does not say which file. Cheap: reads each zip's index, not its data."""
     files = sorted(checkpoint.glob("*_model_states.pt")) + sorted(checkpoint.glob("*_optim_states.pt"))
-    ranked = [re.fullmatch(r"zero_pp_rank_(\d+)_(mp_rank_\d+_(?:model|optim)_states\.pt)", f.name) for f in files]
-    for rest in {m.group(2) for m in ranked if m}:  # every rank wrote one file of each kind
-        ranks = {int(m.group(1)) for m in ranked if m and m.group(2) == rest}
+    # ZeRO's files: [bf16_]zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt, one of each kind per rank
+    ranked = [re.fullmatch(r"((?:bf16_)?zero_pp_rank_)(\d+)(_mp_rank_\d+_(?:model|optim)_states\.pt)", f.name)
+              for f in files]
+    for kind in {(m.group(1), m.group(3)) for m in ranked if m}:
+        ranks = {int(m.group(2)) for m in ranked if m and (m.group(1), m.group(3)) == kind}
         count = max(world_size, max(ranks) + 1)
         for rank in range(count):
             if rank not in ranks:
-                raise ExportError(f"{checkpoint / f'zero_pp_rank_{rank}_{rest}'}: missing (expected one such file "
+                raise ExportError(f"{checkpoint / f'{kind[0]}{rank}{kind[1]}'}: missing (expected one such file "
                                   f"for each of ranks 0-{count - 1})")
     for file in files:
         if file.stat().st_size == 0:
@@ -510,9 +515,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "
     info = read_checkpoint(checkpoint)
     protected = protected or protected_path(info)
     check_output_dir(Path(output), protected)
+    find_tokenizer(info.run_config, search_roots(info), recorded_datasets(info))  # a changed tokenizer: refused now
     model = load_model(info)
     warnings = write_folder(model, info, Path(output), dtype, max_shard_size, protected=protected)
-    return Path(output), warnings
+    return Path(os.path.abspath(output)), warnings  # absolute: "." names a folder that was replaced
 
 
 # ---------------------------------------------------------------------- during training

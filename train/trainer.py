@@ -230,6 +230,8 @@ class Trainer:
         else:  # new world size: the global position (rank 0's state) carries over
             self.loader.load_state_dict(state.data_state, allow_changed_manifest=allow)
         self.state = dataclasses.replace(state, world_size=self.world.size)  # the checkpoint's own stays as saved
+        if self.checkpoints.note:
+            self._log_main(self.checkpoints.note)
         self._log_main(f"resumed from {checkpoint.path} at step {state.step}")
         if self.loader.data_change:
             self._log_main(self.loader.data_change)
