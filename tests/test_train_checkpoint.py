@@ -170,6 +170,23 @@ def test_a_save_replaces_a_checkpoint_left_from_before_a_rollback(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".*"))
 
 
+def test_checkpoints_after_a_rollback_do_not_count_as_the_newest(tmp_path):
+    """keep=2 with step 4 left from before rolling back to step 2: the saves of steps 3 and 4 again keep
+    2 and 3, then 3 and 4 (the stale step 4 would otherwise push out step 2 and stay as 'newest')."""
+    manager = saved_run(tmp_path, keep=3)
+    save(manager, 4)
+    manager.keep = 2
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000002")
+
+    def tags() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+
+    save(manager, 3)
+    assert tags() == ["step-00000002", "step-00000003"]
+    save(manager, 4)
+    assert tags() == ["step-00000003", "step-00000004"]
+
+
 # ---------------------------------------------------------------------------- resuming: changed configs
 def test_a_resume_refuses_changes_of_what_the_checkpoint_fixes_and_allows_the_rest():
     def run_config(*sets: str) -> tuple[dict, dict, frozenset]:

@@ -457,9 +457,12 @@ class CheckpointManager:
                                f"The previous checkpoint ({previous}) is intact.")
 
     def _prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints (and never the one `latest` names)."""
+        """Keep the newest `keep` complete checkpoints up to the one `latest` names (never that one).
+        Those after it were left by a run rolled back past them (`echo step-X > latest`): the steps
+        after X are being trained again, so they go instead of counting as the newest."""
         latest = (self.root / LATEST).read_text().strip()
         tags = sorted(p.name for p in self.root.iterdir() if TAG_PATTERN.match(p.name))
-        for tag in tags[:-self.keep]:
-            if tag != latest:
+        kept = [tag for tag in tags if tag <= latest][-self.keep:]
+        for tag in tags:
+            if tag not in kept and tag != latest:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
