@@ -97,6 +97,7 @@ def test_set_overrides_any_field_and_nested_deepspeed_keys(tmp_path):
      "deepspeed.zero_optimization.offload_optimizer: expected no optimizer offload"),
     ("model.hidden_size=-1", "model.hidden_size"),
     # sizes are named before transformers' own checks divide by them
+    ("deepspeed.timers={throughput: {enabled: x}}", "deepspeed.timers.throughput.enabled: expected a valid boolean"),
     ("deepspeed.steps_per_print=abc", "deepspeed.steps_per_print: expected an int, got 'abc'"),
     ("deepspeed.steps_per_print=0", "deepspeed.steps_per_print: expected a positive int, got 0"),
     ("model.hidden_size=abc", "model.hidden_size: expected a positive integer, got 'abc'"),

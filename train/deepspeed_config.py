@@ -177,6 +177,31 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _full_path(value: Any, loc: list[str]) -> list[str]:
+    """`loc` inside `value`: DeepSpeed builds some models from a subsection (timers.throughput), so
+    the path it reports can lack the keys above it; the one path in `value` that ends with `loc`."""
+    def paths(node: Any, above: list[str]):
+        if isinstance(node, dict):
+            if _get(node, loc) is not _MISSING:
+                yield above + loc
+            for name, child in node.items():
+                yield from paths(child, above + [str(name)])
+
+    found = list(paths(value, []))
+    return found[0] if len(found) == 1 else loc
+
+
+_MISSING = object()
+
+
+def _get(node: Any, loc: list[str]) -> Any:
+    for name in loc:
+        if not isinstance(node, dict) or name not in node:
+            return _MISSING
+        node = node[name]
+    return node
+
+
 def deepspeed_complaint(error: Exception, key: str | None, value: Any = None) -> str:
     """What DeepSpeed refused, as `deepspeed.PATH: ...` on one line (key None: the whole section)."""
     from pydantic import ValidationError
@@ -188,7 +213,7 @@ def deepspeed_complaint(error: Exception, key: str | None, value: Any = None) ->
         if key and loc[:1] == [key]:  # the monitors' model names each section itself
             loc = loc[1:]
         if key:  # (of the whole section, the path inside a model would not say which section)
-            path = ".".join([path, *loc])
+            path = ".".join([path, *_full_path(value, loc)])
         if first["type"] == "extra_forbidden":
             return f"{path}: unknown key (DeepSpeed has no such setting)"
         message = first["msg"]
