@@ -276,13 +276,14 @@ class TokenLoader:
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise DataError(f"loader state: missing key {missing[0]!r} (expected keys {list(STATE_KEYS)})")
-        window = state.get("shuffle_window_shards", 0)  # absent in states from before December 2026
-        if state["fingerprint"] != self.fingerprint and not allow_changed_manifest and window != self.shuffle_window_shards:
-            raise DataError(f"{self.data_dir}: shuffle_window_shards is {self.shuffle_window_shards}, the checkpoint's "
-                            f"was {window!r} (hope-train: data.shuffle_window_shards); another window is another "
-                            "order of the samples. Resume with the checkpoint's, or allow_changed_manifest (hope-train: "
-                            "data.allow_changed_data: true) to go on in the new order at the same position.")
         if state["fingerprint"] != self.fingerprint and not allow_changed_manifest:
+            window = state.get("shuffle_window_shards", 0)  # absent in states from before December 2026
+            if window != self.shuffle_window_shards:  # the fingerprint changed with it: say so, not "the manifest"
+                raise DataError(f"{self.data_dir}: shuffle_window_shards is {self.shuffle_window_shards}, the "
+                                f"checkpoint's was {window!r} (hope-train: data.shuffle_window_shards); another window "
+                                "is another order of the samples. Resume with the checkpoint's, or "
+                                "allow_changed_manifest (hope-train: data.allow_changed_data: true) to go on in the "
+                                "new order at the same position.")
             raise DataError(f"{self.data_dir}: the manifest {'or the mixture ' if len(self.datasets) > 1 else ''}"
                             f"changed since the checkpoint (fingerprint {state['fingerprint']}, now "
                             f"{self.fingerprint}); resuming would not continue the same token stream. To "

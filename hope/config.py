@@ -35,7 +35,7 @@ class ModelConfigError(ValueError):
     """A model configuration value is invalid. `key` names the field."""
 
     def __init__(self, key: str, message: str, source: str | None = None):
-        self.key, self.source = key, source
+        self.key, self.message, self.source = key, message, source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}model.{key}: {message}")
 
@@ -44,7 +44,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# Sizes that must be positive integers. Checked before the config is built: transformers' own
+# Sizes that must be positive integers. Checked first as the config is built: transformers' own
 # validation (PretrainedConfig.__init__) reads the head_dim property, hidden_size // num_heads,
 # which would fail with a traceback on a size like 'abc' or 0 before our message could name it.
 POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size",
@@ -143,6 +143,7 @@ class HopeConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.gradient_checkpointing_layers = gradient_checkpointing_layers
+        check_positive_ints({key: getattr(self, key) for key in POSITIVE_INT_FIELDS})  # before head_dim is read
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -269,9 +270,11 @@ class HopeConfig(PretrainedConfig):
                 raise ModelConfigError(key, f"expected a number, got {value!r}", source)
             elif isinstance(default, list) and not isinstance(value, (list, tuple)):
                 raise ModelConfigError(key, f"expected a list, got {value!r}", source)
-        # the sizes first: building the config evaluates head_dim (see POSITIVE_INT_FIELDS)
-        check_positive_ints({key: fields.get(key, getattr(defaults, key)) for key in POSITIVE_INT_FIELDS}, source)
-        return cls(**fields).validate(source)
+        try:
+            config = cls(**fields)
+        except ModelConfigError as error:  # the sizes, checked as the config is built
+            raise ModelConfigError(error.key, error.message, source) from None
+        return config.validate(source)
 
     # ------------------------------------------------------------------ FLOPs (docs/FLOPS.md)
     def flops_per_token(self, seq_len: int) -> float:

@@ -334,7 +334,7 @@ def cli(argv: list, capsys) -> tuple[int, str]:
 
 
 def test_output_dir_holding_anything_but_a_previous_export_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    import train.export as export
+    import train.export_source
 
     run = make_project(tmp_path / "project")
     checkpoint = run / "checkpoints" / "step-00000002"
@@ -346,7 +346,7 @@ def test_output_dir_holding_anything_but_a_previous_export_is_refused_before_any
     def no_work(*args):
         raise AssertionError("the weights were read before OUTPUT_DIR was checked")
 
-    monkeypatch.setattr(export, "consolidated_state_dict", no_work)
+    monkeypatch.setattr(train.export_source, "consolidated_state_dict", no_work)
     for source, out, why in [(run, run.parent, "contains"), (run, tmp_path, "contains"),
                              (run, run, "is the very directory"), (run, run / "hf-out", "is inside"),
                              (checkpoint, checkpoint / "out", "is inside"), (checkpoint, run / "export", "is inside"),

@@ -305,7 +305,7 @@ def test_a_mixture_of_two_datasets_trains_resumes_on_new_weights_and_exports(wor
     allows changed data."""
     from data_pipeline import TokenLoader, prepare_default_corpus
     from data_pipeline.tokenize import TokenizeSettings, tokenize_to_shards
-    from train.export import tokenizer_for_run
+    from train.export_tokenizer import tokenizer_for_run
 
     prepared = prepare_default_corpus(workdir / "data", vocab_size=512)
     lines = (prepared.data_dir.parent / "corpus.jsonl").read_text().splitlines()[:300]

@@ -209,11 +209,8 @@ class CheckpointManager:
         if path.exists() and not path.is_file():
             raise ResumeError(f"{path} is not a file: expected a file naming the checkpoint to resume")
         if not path.exists():
-            for tag in reversed(self._tags()):
-                try:
-                    self._read(self.root / tag)
-                except _Damaged:
-                    continue
+            tag = self._newest_readable()
+            if tag is not None:
                 self.note = (f"warning: {path} is missing (a crash right after a save?): resuming from the newest "
                              f"complete checkpoint, {tag}")
                 return tag
@@ -264,14 +261,16 @@ class CheckpointManager:
         except _Damaged as damage:
             raise ResumeError(f"checkpoint {self.root / tag} is damaged: {damage}. {self._way_back(tag)}") from None
 
-    def needs_portable(self, checkpoint: Checkpoint, zero_stage: int, bf16: bool) -> bool:
-        """Whether resuming reads optimizer_portable.pt instead of DeepSpeed's shards, which reload only on
-        the number of ranks, ZeRO stage and precision they were saved with. ResumeError if it would and
-        the checkpoint has none (the same answer on every rank: the files were checked by all)."""
-        ds = checkpoint.config.get("deepspeed") or {}
-        saved = (checkpoint.state.world_size, (ds.get("zero_optimization") or {}).get("stage", 0),
-                 bool((ds.get("bf16") or {}).get("enabled", False)))
-        now = (self.world.size, zero_stage, bool(bf16))
+    def needs_portable(self, checkpoint: Checkpoint, ds_config: dict) -> bool:
+        """Whether resuming with `ds_config` (this run's deepspeed section) reads optimizer_portable.pt
+        instead of DeepSpeed's shards, which reload only on the number of ranks, ZeRO stage and
+        precision they were saved with. ResumeError if it would and the checkpoint has none (the same
+        answer on every rank: the files were checked by all)."""
+        def stage_and_bf16(ds: dict) -> tuple[int, bool]:
+            return (ds.get("zero_optimization") or {}).get("stage", 0), bool((ds.get("bf16") or {}).get("enabled"))
+
+        saved = (checkpoint.state.world_size, *stage_and_bf16(checkpoint.config.get("deepspeed") or {}))
+        now = (self.world.size, *stage_and_bf16(ds_config))
         if saved == now:
             return False
         if not (checkpoint.path / PORTABLE).is_file():
@@ -372,8 +371,8 @@ class CheckpointManager:
             raise _Damaged(f"model_config.json: expected an object, got {str(model_config)[:200]}")
         return Checkpoint(directory, state, config, model_config)
 
-    def _way_back(self, bad: str | None) -> str:
-        """What the user can do about a bad checkpoint: name the newest one before it that reads."""
+    def _newest_readable(self, bad: str | None = None) -> str | None:
+        """The newest checkpoint that reads, before `bad` (a tag) when given."""
         for tag in reversed(self._tags()):
             if tag == bad or (bad is not None and TAG_PATTERN.match(bad) and tag > bad):
                 continue
@@ -381,6 +380,13 @@ class CheckpointManager:
                 self._read(self.root / tag)
             except _Damaged:
                 continue
+            return tag
+        return None
+
+    def _way_back(self, bad: str | None) -> str:
+        """What the user can do about a bad checkpoint: name the newest one before it that reads."""
+        tag = self._newest_readable(bad)
+        if tag is not None:
             return f"To resume from the checkpoint before it: echo {tag} > {self.root / LATEST} and run again"
         return f"No other complete checkpoint is left in {self.root}: start a new run with another --run-dir"
 
@@ -461,8 +467,8 @@ class CheckpointManager:
         Those after it were left by a run rolled back past them (`echo step-X > latest`): the steps
         after X are being trained again, so they go instead of counting as the newest."""
         latest = (self.root / LATEST).read_text().strip()
-        tags = sorted(p.name for p in self.root.iterdir() if TAG_PATTERN.match(p.name))
-        kept = [tag for tag in tags if tag <= latest][-self.keep:]
+        tags = self._tags()
+        kept = [tag for tag in tags if tag <= latest][-self.keep:]  # latest is the last of them
         for tag in tags:
-            if tag not in kept and tag != latest:
+            if tag not in kept:
                 shutil.rmtree(self.root / tag, ignore_errors=True)

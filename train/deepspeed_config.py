@@ -177,29 +177,27 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _has(node: Any, loc: list[str]) -> bool:
+    """Whether the nested mappings of `node` hold the key path `loc`."""
+    for name in loc:
+        if not isinstance(node, dict) or name not in node:
+            return False
+        node = node[name]
+    return True
+
+
 def _full_path(value: Any, loc: list[str]) -> list[str]:
     """`loc` inside `value`: DeepSpeed builds some models from a subsection (timers.throughput), so
     the path it reports can lack the keys above it; the one path in `value` that ends with `loc`."""
     def paths(node: Any, above: list[str]):
         if isinstance(node, dict):
-            if _get(node, loc) is not _MISSING:
+            if _has(node, loc):
                 yield above + loc
             for name, child in node.items():
                 yield from paths(child, above + [str(name)])
 
     found = list(paths(value, []))
     return found[0] if len(found) == 1 else loc
-
-
-_MISSING = object()
-
-
-def _get(node: Any, loc: list[str]) -> Any:
-    for name in loc:
-        if not isinstance(node, dict) or name not in node:
-            return _MISSING
-        node = node[name]
-    return node
 
 
 def deepspeed_complaint(error: Exception, key: str | None, value: Any = None) -> str:

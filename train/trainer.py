@@ -182,9 +182,7 @@ class Trainer:
             raise ResumeError(f"cannot resume from {checkpoint.path}: this config changes what the checkpoint "
                               f"fixes: {shown}. Set {them} back (the checkpoint's config: "
                               f"{checkpoint.path / 'config.yaml'}){allow}, or give another --run-dir for a new run")
-        zero = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        bf16 = self.ds_config.get("bf16", {}).get("enabled", False)
-        self.resume_portable = self.checkpoints.needs_portable(checkpoint, zero, bf16)
+        self.resume_portable = self.checkpoints.needs_portable(checkpoint, self.ds_config)
 
     def _resume_warnings(self, checkpoint: Checkpoint) -> list[str]:
         """What changed on resume that the run goes on with, but the user should know: the global batch
