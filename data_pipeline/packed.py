@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import glob
 import hashlib
 import os
 import queue
@@ -131,6 +132,11 @@ class PackedSplit:
             for entry in os.scandir(self._cache):  # one listing, not a stat per shard of the split
                 if entry.name in index and index[entry.name] not in keep:
                     self._evict(index[entry.name])
+                name, tmp, _ = entry.name.partition(".tmp-")
+                if tmp and name in index:  # a copy under way (its lock is held), or one a killed process left
+                    with self._shard_lock(self.shards[index[name]], wait=False) as free:
+                        if free:
+                            self._remove_partial_copies(self.shards[index[name]])
 
     def _evict(self, k: int) -> None:
         with self._locks[k]:
@@ -183,11 +189,21 @@ class PackedSplit:
             return str(local)
         self._cache.mkdir(parents=True, exist_ok=True)
         # The ranks of a node share the cache: one downloads a shard, the others wait for it.
-        with open(self._cache / f".{shard.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._shard_lock(shard):
             if not local.exists():
+                self._remove_partial_copies(shard)
                 self._download(shard, remote_path, local)
         return str(local)
+
+    def _shard_lock(self, shard: ShardInfo, wait: bool = True):
+        """The lock a process holds while it copies `shard` into the cache (shared by the node's ranks)."""
+        return _FileLock(self._cache / f".{shard.name}.lock", wait)
+
+    def _remove_partial_copies(self, shard: ShardInfo) -> None:
+        """Remove the temporary files of copies of `shard` cut short by a killed process. Call with the
+        shard's lock held: a copy under way holds it, so what is left is a leftover."""
+        for leftover in self._cache.glob(f"{glob.escape(shard.name)}.tmp-*"):
+            leftover.unlink(missing_ok=True)
 
     def _download(self, shard: ShardInfo, remote_path: str, local: Path) -> None:
         url = self.fs.unstrip_protocol(remote_path)
@@ -223,3 +239,20 @@ class PackedSplit:
                 k += 1
             assert begin + filled == end
         return out
+
+
+class _FileLock:
+    """flock on a file for a `with` block, which gets whether the lock was taken (False: wait=False and it was held)."""
+    def __init__(self, path: Path, wait: bool):
+        self.path, self.wait = path, wait
+
+    def __enter__(self) -> bool:
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()  # closing releases the lock

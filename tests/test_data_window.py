@@ -300,3 +300,26 @@ def test_read_ahead_threads_do_not_keep_a_process_alive(many_shards):
     fetchers = [t for t in threading.enumerate() if t.name == "hope-data-cache"]
     assert fetchers and all(t.daemon for t in fetchers)
     loader.close()
+
+
+def test_copies_cut_short_by_a_killed_process_are_removed_but_not_one_under_way(many_shards, tmp_path):
+    """A download killed between its temporary file and the rename leaves `NAME.tmp-XXXX` in the cache:
+    the next reader removes it, unless the shard's lock is held (a rank of the node copying it now)."""
+    import fcntl
+
+    remote = on_memory_fs(many_shards, "window-partial")
+    with TokenLoader(remote, SEQ, 12, 0, 1, seed=4, shuffle_window_shards=WINDOW, cache_dir=tmp_path) as loader:
+        dataset = loader.datasets[0]
+        cache, names = dataset.samples._cache, [shard.name for shard in dataset.samples.shards]
+        first_batch = set(dataset.window_cache(dataset._window(0), dataset._window(11))[0])
+    busy = names[min(set(range(len(names))) - first_batch)]  # not read by the batch below: nobody waits for it
+    cache.mkdir(parents=True)
+    for name in names:
+        (cache / f"{name}.tmp-dead0001").write_bytes(b"cut short")
+    with open(cache / f".{busy}.lock", "w") as lock:  # another process copying `busy` right now
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with TokenLoader(remote, SEQ, 12, 0, 1, seed=4, shuffle_window_shards=WINDOW, cache_dir=tmp_path,
+                         num_workers=0) as loader:
+            next(loader)
+            left = sorted(p.name for p in cache.glob("*.tmp-dead*"))  # not the copies the reader has under way
+    assert left == [f"{busy}.tmp-dead0001"]
