@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -411,6 +413,17 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def alter_a_byte(path: Path) -> None:
+    """Flip a byte inside the largest entry of a torch file: same size, zip index intact, a silent
+    change of a weight for torch.load."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def _set_json(name: str, **fields):
     def change(step_dir: Path) -> None:
         path = step_dir / name
@@ -419,8 +432,10 @@ def _set_json(name: str, **fields):
 
 
 @pytest.mark.parametrize("file, damage, says", [
-    ("mp_rank_00_model_states.pt", lambda d: _truncate(d / "mp_rank_00_model_states.pt"), "truncated or corrupt"),
+    ("mp_rank_00_model_states.pt", lambda d: _truncate(d / "mp_rank_00_model_states.pt"), "not a complete torch file"),
     ("mp_rank_00_model_states.pt", lambda d: (d / "mp_rank_00_model_states.pt").write_bytes(b""), "empty file"),
+    ("mp_rank_00_model_states.pt", lambda d: alter_a_byte(d / "mp_rank_00_model_states.pt"),
+     "altered since it was saved (its entry "),
     ("mp_rank_00_model_states.pt", lambda d: torch.save({"step": 2}, d / "mp_rank_00_model_states.pt"),
      "KeyError: 'module'"),
     ("trainer_state.json", lambda d: (d / "trainer_state.json").write_text('{"step": 2,'), "not readable JSON"),
@@ -447,7 +462,7 @@ def test_missing_or_truncated_zero_shard_is_one_line_naming_it(runs, tmp_path, c
 
     cases = [("zero2", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "unlink",
               "missing (expected one such file for each of ranks 0-1)"),
-             ("zero2", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "truncate", "truncated or corrupt"),
+             ("zero2", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "truncate", "not a complete torch file"),
              ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt", "unlink", "missing")]
     cases.append(("zero2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "unlink", "missing"))
     for stage, name, how, says in cases:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from test_export import alter_a_byte
 from train.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, ResumeError, TrainerState,
                               config_changes, write_atomic)
 from train.cli import check_run_dir
@@ -307,14 +308,24 @@ def error_lines(output: str) -> list[str]:
 
 
 def test_a_damaged_checkpoint_stops_every_rank_with_the_same_one_line(base_run):
-    """2 ranks: each finds the damage itself before loading, or (a file cut inside, found only when rank
-    1 loads its own rank state) the ranks agree after loading; both exit 2, one line, no traceback."""
+    """2 ranks: each finds the damage itself before loading (a file missing or unreadable), or the ranks
+    share the checksum checks of the files the resume reads (a byte changed inside, same size), or agree
+    after loading (a valid torch file of the wrong content, found only when rank 1 loads its own rank
+    state); both exit 2, one line, no traceback."""
     config, base = base_run
+
+    def wrong_content(file: Path) -> None:  # a complete torch file, listed at its size: only loading it tells
+        torch.save({"step": 4}, file)
+        listed = file.parents[1] / "checkpoint_files.json"
+        listed.write_text(json.dumps({**json.loads(listed.read_text()), "rank_state/rank-00001.pt": file.stat().st_size}))
+
     cases = {
         "missing": ("rank_state/rank-00001.pt", lambda f: f.unlink(), "rank_state/rank-00001.pt is missing"),
         "corrupt-json": ("trainer_state.json", lambda f: f.write_text("{"), "trainer_state.json is not readable JSON"),
-        "inside": ("rank_state/rank-00001.pt", lambda f: f.write_bytes(b"\0" * 64 + f.read_bytes()[64:]),
-                   "could not load checkpoint {ckpt}: UnpicklingError: "),
+        "altered": ("mp_rank_00_model_states.pt", alter_a_byte,  # before: loaded with one weight changed
+                    "checkpoint {ckpt} is damaged: mp_rank_00_model_states.pt: altered since it was saved (its entry "),
+        "wrong-content": ("rank_state/rank-00001.pt", wrong_content, "could not load checkpoint {ckpt}: CheckpointError: "
+                          "rank_state/rank-00001.pt holds no RNG and loader state"),
     }
     for name, (file, damage, expected) in cases.items():
         run_dir = copy_run(base, f"damaged-{name}")
@@ -325,7 +336,7 @@ def test_a_damaged_checkpoint_stops_every_rank_with_the_same_one_line(base_run):
         assert "Traceback" not in output, (name, output[-3000:])
         (line,) = error_lines(output)  # printed once: every rank raised the same error
         assert expected.format(ckpt=checkpoint) in line, (name, line)
-        found_by = " (found by rank 1)" if name == "inside" else ""  # rank 0 read its own rank state fine
+        found_by = " (found by rank 1)" if name == "wrong-content" else ""  # rank 0 read its own rank state fine
         assert line.endswith(f"To resume from the checkpoint before it: echo step-00000002 > "
                              f"{run_dir / 'checkpoints' / 'latest'} and run again{found_by}"), (name, line)
         assert not (checkpoint.parent / "step-00000006").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 
 from hope import HopeConfig, HopeForCausalLM
 
-from .checkpoint import LATEST
+from .checkpoint import LATEST, torch_file_damage
 
 
 class ExportError(ValueError):
@@ -118,8 +117,9 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def check_weight_files(checkpoint: Path, world_size: int) -> None:
-    """Name a missing, empty or truncated weights file before DeepSpeed or torch.load fails on it
-    with a traceback that does not say which file. Cheap: reads each zip's index, not its data."""
+    """Name a missing, empty, truncated or altered weights file before DeepSpeed or torch.load fails
+    on it with a traceback that does not say which file, or loads it silently with wrong values.
+    Reads each file once (its checksums), as the export does anyway."""
     files = sorted(checkpoint.glob("*_model_states.pt")) + sorted(checkpoint.glob("*_optim_states.pt"))
     # ZeRO's files: [bf16_]zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt, one of each kind per rank
     ranked = [re.fullmatch(r"((?:bf16_)?zero_pp_rank_)(\d+)(_mp_rank_\d+_(?:model|optim)_states\.pt)", f.name)
@@ -136,8 +136,9 @@ def check_weight_files(checkpoint: Path, world_size: int) -> None:
             raise ExportError(f"{file}: empty file (the save did not complete)")
         with open(file, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format; older pickles are left to torch.load
-        if is_zip and not zipfile.is_zipfile(file):
-            raise ExportError(f"{file}: truncated or corrupt (its zip index is unreadable)")
+        damage = torch_file_damage(file) if is_zip else None
+        if damage is not None:
+            raise ExportError(f"{file}: {damage}")
 
 
 def consolidated_state_dict(checkpoint: Path, world_size: int = 1) -> dict[str, torch.Tensor]:
