@@ -328,3 +328,14 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     assert config.optimizer.lr == 3e-4
     assert config.deepspeed["zero_optimization"]["reduce_bucket_size"] == 5e8
     assert load_config(tmp_path / "run.yaml", ["optimizer.lr=2E-3"]).optimizer.lr == 2e-3
+
+
+def test_check_prints_only_its_two_lines_on_stdout():
+    """Without DS_ACCELERATOR on a machine without a GPU, importing DeepSpeed printed its notice
+    "Setting accelerator to CPU" on stdout, before the check's own lines."""
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-m", "train.cli", "configs/train/tiny-cpu.yaml", "--check"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[0] == "hope-train: configs/train/tiny-cpu.yaml: valid", done.stdout

@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check:  # runs nothing on an accelerator: no detection, nor DeepSpeed's notice of it on stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .config import ConfigError, load_config
 
     try:
