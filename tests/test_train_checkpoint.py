@@ -147,6 +147,28 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_checkpoint_bef
     assert manager.find_resumable().state.step == 2
 
 
+def test_torch_file_damage_finds_changed_and_cut_files_but_not_checksumless_ones(tmp_path):
+    import torch.utils.serialization
+
+    from train.checkpoint import torch_file_damage
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.randn(4096), "b": torch.ones(3)}, path)
+    assert torch_file_damage(path) is None
+    alter_a_byte(path)
+    assert torch_file_damage(path) == ("altered since it was saved (its entry weights/data/0 fails the checksum saved "
+                                       "with it)")
+    path.write_bytes(path.read_bytes()[:-100])
+    assert torch_file_damage(path).startswith("not a complete torch file (truncated or overwritten: ")
+    save_config = torch.utils.serialization.config.save
+    save_config.compute_crc32 = False  # every CRC written as 0: nothing to check against, not damage
+    try:
+        torch.save({"w": torch.randn(4096)}, path)
+    finally:
+        save_config.compute_crc32 = True
+    assert torch_file_damage(path) is None
+
+
 def test_checkpoints_without_latest_or_without_a_good_one_say_what_to_do(tmp_path):
     manager = saved_run(tmp_path)
     _damage(tmp_path, "latest removed")  # a crash between a save's rename and `latest`: the newest that reads

@@ -124,13 +124,23 @@ def torch_file_damage(path: Path) -> str | None:
     """What is wrong with a file torch.save wrote, or None. Its zip entries carry the CRC-32 of their
     bytes, which torch.load does not check: a file changed after it was saved (a copy cut short into a
     file of the right size, a flipped bit) loads silently with wrong values. Reads the whole file
-    (~1.5 s per 2 GiB here)."""
+    (~0.75 s per 2 GiB from the page cache here). Entries saved without a checksum (CRC 0, written
+    under torch.utils.serialization.config.save.compute_crc32 = False) are not checked."""
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            for entry in archive.infolist():
+                if entry.CRC == 0:
+                    continue
+                with archive.open(entry) as data:  # reading to the end compares the CRC-32
+                    while data.read(1 << 24):
+                        pass
+    except zipfile.BadZipFile as error:
+        if str(error).startswith("Bad CRC-32"):
+            return f"altered since it was saved (its entry {entry.filename} fails the checksum saved with it)"
         return f"not a complete torch file (truncated or overwritten: {error})"
-    return None if bad is None else f"altered since it was saved (its entry {bad} fails the checksum saved with it)"
+    except (OSError, EOFError, ValueError) as error:
+        return f"not a complete torch file (truncated or overwritten: {error})"
+    return None
 
 
 def rng_state() -> dict:
