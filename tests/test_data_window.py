@@ -202,6 +202,8 @@ def test_a_cached_shard_removed_by_another_rank_is_fetched_again(many_shards, tm
     monkeypatch.setattr(PackedSplit, "_cached_copy", evicted_at_once)
     with TokenLoader(remote, SEQ, 12, 0, 1, seed=4, num_workers=0, cache_dir=tmp_path) as loader:
         batch = next(loader).numpy()
+    for fetcher in loader.datasets[0].samples._fetchers:  # closed: each ends after the copy it has under way
+        fetcher.join(timeout=30)
     assert np.array_equal(batch, epoch_rows(many_shards, 0, 1, 1))
     assert copies and all(copies.count(name) == 2 for name in set(copies))
 
