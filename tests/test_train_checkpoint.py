@@ -341,15 +341,17 @@ def test_a_damaged_checkpoint_stops_every_rank_with_the_same_one_line(base_run):
     def wrong_content(file: Path) -> None:  # a complete torch file, listed at its size: only loading it tells
         torch.save({"step": 4}, file)
         listed = file.parents[1] / "checkpoint_files.json"
-        listed.write_text(json.dumps({**json.loads(listed.read_text()), "rank_state/rank-00001.pt": file.stat().st_size}))
+        sizes = json.loads(listed.read_text())
+        listed.write_text(json.dumps({**sizes, "rank_state/rank-00001.pt": file.stat().st_size}))
 
     cases = {
         "missing": ("rank_state/rank-00001.pt", lambda f: f.unlink(), "rank_state/rank-00001.pt is missing"),
         "corrupt-json": ("trainer_state.json", lambda f: f.write_text("{"), "trainer_state.json is not readable JSON"),
         "altered": ("mp_rank_00_model_states.pt", alter_a_byte,  # before: loaded with one weight changed
                     "checkpoint {ckpt} is damaged: mp_rank_00_model_states.pt: altered since it was saved (its entry "),
-        "wrong-content": ("rank_state/rank-00001.pt", wrong_content, "could not load checkpoint {ckpt}: CheckpointError: "
-                          "rank_state/rank-00001.pt holds no RNG and loader state"),
+        "wrong-content": ("rank_state/rank-00001.pt", wrong_content,
+                          "could not load checkpoint {ckpt}: CheckpointError: rank_state/rank-00001.pt holds no RNG "
+                          "and loader state"),
     }
     for name, (file, damage, expected) in cases.items():
         run_dir = copy_run(base, f"damaged-{name}")
@@ -362,8 +364,8 @@ def test_a_damaged_checkpoint_stops_every_rank_with_the_same_one_line(base_run):
         assert expected.format(ckpt=checkpoint) in line, (name, line)
         # rank 0 read its own rank state fine; the checksums are shared out entry by entry
         found_by = {"wrong-content": [" (found by rank 1)"], "altered": ["", " (found by rank 1)"]}.get(name, [""])
-        assert any(line.endswith(f"To resume from the checkpoint before it: echo step-00000002 > "
-                                 f"{run_dir / 'checkpoints' / 'latest'} and run again{by}") for by in found_by), (name, line)
+        way_back = f"To resume from the checkpoint before it: echo step-00000002 > {run_dir / 'checkpoints' / 'latest'}"
+        assert any(line.endswith(f"{way_back} and run again{by}") for by in found_by), (name, line)
         assert not (checkpoint.parent / "step-00000006").exists()
 
 
