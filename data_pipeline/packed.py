@@ -134,9 +134,10 @@ class PackedSplit:
                     self._evict(index[entry.name])
                 name, tmp, _ = entry.name.partition(".tmp-")
                 if tmp and name in index:  # a copy under way (its lock is held), or one a killed process left
-                    with self._shard_lock(self.shards[index[name]], wait=False) as free:
+                    shard = self.shards[index[name]]
+                    with self._shard_lock(shard, wait=False) as free:
                         if free:
-                            self._remove_partial_copies(self.shards[index[name]])
+                            self._remove_partial_copies(shard)
 
     def _evict(self, k: int) -> None:
         with self._locks[k]:

@@ -135,11 +135,9 @@ def torch_file_damage(path: Path, part: int = 0, parts: int = 1) -> str | None:
                 with archive.open(entry) as data:  # reading to the end compares the CRC-32
                     while data.read(1 << 24):
                         pass
-    except zipfile.BadZipFile as error:
-        if str(error).startswith("Bad CRC-32"):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        if isinstance(error, zipfile.BadZipFile) and str(error).startswith("Bad CRC-32"):
             return f"altered since it was saved (its entry {entry.filename} fails the checksum saved with it)"
-        return f"not a complete torch file (truncated or overwritten: {error})"
-    except (OSError, EOFError, ValueError) as error:
         return f"not a complete torch file (truncated or overwritten: {error})"
     return None
 
