@@ -327,8 +327,8 @@ def triton_options(precision: str) -> dict:
     programs per SM; ~1e-2 relative error on a layer's outputs and gradients); "tf32x3" (~fp32);
     "ieee" (exact fp32) is for the interpreter: compiled for a GPU it unrolls into scalar code that
     takes minutes to build. Triton's interpreter multiplies bf16 tiles wrongly (3.9), so there
-    "bf16" rounds the operands to bf16 in fp32 instead. Programs run 4 warps (memory_pass.WARPS
-    sets others for the memory pass's kernels, for bench_chunk.py --pass --warps to time)."""
+    "bf16" rounds the operands to bf16 in fp32 instead. Programs run 4 warps (memory_pass.LAUNCH
+    sets other launch options for the memory pass's kernels, for bench_chunk.py --pass --launch to time)."""
     if precision not in MEMORY_PRECISIONS:
         raise ValueError(f"memory_precision: expected one of {list(MEMORY_PRECISIONS)}, got {precision!r}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"

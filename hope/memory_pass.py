@@ -65,16 +65,20 @@ def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n
     return [torch.cat([a, b], dim=1) for a, b in zip(five[:6], main[:6])] + [main[6]]
 
 
-# Warps per program of the Triton loops' kernels, by kernel name (4 unless named here): a tuning
-# table, swept on the GPU by tools/bench_chunk.py --pass --warps. A kernel whose programs hold a
-# whole SM (shared memory) hides latency only with more warps; one that fits 2 programs per SM
-# at 4 warps fits 1 at 8 (255 registers per thread), the same warps per SM in twice the waves.
-WARPS: dict[str, int] = {}
+# Launch options of the Triton kernels of a pass, by kernel name: num_warps (4 unless set) and
+# maxnreg (the registers a thread may use: the compiler's choice, up to 255, unless set). A tuning
+# table, swept on the GPU by tools/bench_chunk.py --pass --launch. The loop's kernels have no loops
+# of their own, so programs per SM hide their latency: at 255 registers an SM holds 2 programs of 4
+# warps, at 168 it holds 3 (with more spilled: tools/triton_resources.py --maxnreg), and at 340M with
+# micro-batch 4 x 2K the six writes' 384 programs then run in one wave of 396 instead of two of 264.
+# A kernel whose programs hold a whole SM (shared memory) hides latency only with more warps; one
+# that fits 2 programs per SM at 4 warps fits 1 at 8, the same warps per SM in twice the waves.
+LAUNCH: dict[str, dict[str, int]] = {}
 
 
 def _launch(kernel, grid: tuple):
-    """kernel[grid] at its number of warps (WARPS)."""
-    return functools.partial(kernel[grid], num_warps=WARPS.get(kernel.__name__, 4))
+    """kernel[grid] with its launch options (LAUNCH)."""
+    return functools.partial(kernel[grid], **{"num_warps": 4, **LAUNCH.get(kernel.__name__, {})})
 
 
 def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import pytest
 import torch
@@ -300,28 +301,35 @@ def test_triton_path_launches_a_handful_of_kernels_per_chunk_step():
 def test_bench_chunk_times_the_memory_pass_per_precision(capsys):
     """`bench_chunk.py --pass` on CPU: the tiny config's memory pass, PyTorch and Triton (interpreted),
     the Triton rows with their profile (on CUDA their kernels, here their heaviest ops), one of them
-    with the state kernel at 8 warps (hope.memory_pass.WARPS, the table emptied after)."""
+    with the state kernel at 8 warps and every kernel at 168 registers (hope.memory_pass.LAUNCH, the
+    table emptied after)."""
     from hope import memory_pass
     bench = load_tool("bench_chunk")
     args = dict(size="340M", device="cpu", seq=2048, batch=1, reps=1)
-    bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32", warps=["chunk_bwd_state_kernel=8"]))
+    bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32",
+                                              launch=["chunk_bwd_state_kernel:num_warps=8,all:maxnreg=168"]))
     lines = capsys.readouterr().out.splitlines()[1:]
     rows = [line.split() for line in lines if not line.startswith("    ")]
     assert [row[0] for row in rows] == ["triton", "triton", "torch"], rows
     assert rows[0][1:4:2] == ["tf32", "ms"] and rows[2][2] == "ms", rows  # times, not "failed: ..."
-    assert rows[1][1:4] == ["tf32,", "warps", "chunk_bwd_state=8"] and rows[1][5] == "ms", rows
+    assert rows[1][1:3] == ["tf32,", "chunk_bwd_state:num_warps=8,all:maxnreg=168"] and rows[1][4] == "ms", rows
     profiles = [i for i, line in enumerate(lines) if line.startswith("    CPU ops")]
     assert [lines[i - 1].split()[0] for i in profiles] == ["triton", "triton"], lines
     assert any("MemoryPassBackward" in line for line in lines[profiles[0]:profiles[1]]), lines
-    assert memory_pass.WARPS == {}
+    assert memory_pass.LAUNCH == {}
     with pytest.raises(SystemExit, match="fp8"):
-        bench.main_memory_pass(argparse.Namespace(**args, precisions="fp8", warps=[]))
-    with pytest.raises(SystemExit, match="KERNEL=N"):
-        bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32", warps=["state=8"]))
+        bench.main_memory_pass(argparse.Namespace(**args, precisions="fp8", launch=[]))
+    for bad in ("state:num_warps=8", "all:num_warps=3", "all:maxnreg=256", "all:registers=168", "all=8"):
+        with pytest.raises(SystemExit, match="KERNEL:OPTION=N"):
+            bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32", launch=[bad]))
+    label, table = bench.parse_launch("all:maxnreg=168,chunk_bwd_state_kernel:num_warps=8")
+    assert label == "all:maxnreg=168,chunk_bwd_state:num_warps=8", label
+    assert table["chunk_bwd_state_kernel"] == {"maxnreg": 168, "num_warps": 8}, table
+    assert table["chunk_fwd_kernel"] == {"maxnreg": 168} and len(table) >= 9, table
 
 
-def test_memory_pass_launches_each_kernel_at_the_warps_of_its_table(monkeypatch):
-    """hope.memory_pass.WARPS sets a kernel's warps per program at its launches (4 otherwise)."""
+def test_memory_pass_launches_each_kernel_with_the_options_of_its_table(monkeypatch):
+    """hope.memory_pass.LAUNCH sets a kernel's launch options (4 warps and no register cap otherwise)."""
     from hope import memory_pass
     launches = []
 
@@ -330,12 +338,15 @@ def test_memory_pass_launches_each_kernel_at_the_warps_of_its_table(monkeypatch)
             self.__name__ = name
 
         def __getitem__(self, grid):
-            return lambda *args, num_warps: launches.append((self.__name__, grid, num_warps))
+            return lambda *args, **options: launches.append((self.__name__, grid, options))
 
-    monkeypatch.setitem(memory_pass.WARPS, "chunk_bwd_state_kernel", 8)
-    memory_pass._launch(Kernel("chunk_bwd_state_kernel"), (6,))(1, 2)
-    memory_pass._launch(Kernel("chunk_fwd_kernel"), (6,))(1, 2)
-    assert launches == [("chunk_bwd_state_kernel", (6,), 8), ("chunk_fwd_kernel", (6,), 4)]
+    monkeypatch.setitem(memory_pass.LAUNCH, "chunk_bwd_state_kernel", {"num_warps": 8, "maxnreg": 168})
+    monkeypatch.setitem(memory_pass.LAUNCH, "targets_bwd_kernel", {"maxnreg": 128})
+    for name in ("chunk_bwd_state_kernel", "targets_bwd_kernel", "chunk_fwd_kernel"):
+        memory_pass._launch(Kernel(name), (6,))(1, 2)
+    assert launches == [("chunk_bwd_state_kernel", (6,), {"num_warps": 8, "maxnreg": 168}),
+                        ("targets_bwd_kernel", (6,), {"num_warps": 4, "maxnreg": 128}),
+                        ("chunk_fwd_kernel", (6,), {"num_warps": 4})], launches
 
 
 @needs_triton
@@ -498,6 +509,17 @@ def test_triton_kernels_compile_with_integer_arguments_equal_to_one():
     kernels = "chunk_bwd_state_kernel,chunk_readout_kernel,chunk_bwd_readout2_kernel"
     lines, stdout = triton_resources("--precision", "bf16", "--ones", "--kernels", kernels)
     assert len(lines) == 3, stdout
+
+
+@needs_triton
+def test_a_register_cap_lets_an_sm_hold_three_programs():
+    """--maxnreg 168 (what hope.memory_pass.LAUNCH's maxnreg sets at a launch) reaches the compiled
+    binary: targets_bwd_kernel, 249 registers and nothing spilled uncapped (2 programs of 4 warps
+    per SM), keeps to 168 registers and spills the rest, and an SM holds 3 of its programs."""
+    lines, stdout = triton_resources("--precision", "bf16", "--kernels", "targets_bwd_kernel", "--maxnreg", "168")
+    found = re.search(r"registers +(\d+) +spilled +([\d,]+) B +programs/SM (\d)", lines[0])
+    assert found and int(found[1]) <= 168 and int(found[2].replace(",", "")) > 0 and found[3] == "3", stdout
+    assert "at most 168 registers" in stdout, stdout
 
 
 @gpu

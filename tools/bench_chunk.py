@@ -168,10 +168,11 @@ def host_us_per_chunk_step(cfg: HopeConfig, reps: int = 5) -> float:
 
 
 def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisions: list[str], reps: int,
-                     warps: list[dict[str, int]] = ()):
+                     launches: list[tuple[str, dict]] = ()):
     """Rows (name, us per layer forward + backward, kernel_breakdown of the eager Triton variants
-    or None) of hope/memory_pass.py at the shapes of `cfg`. Each of `warps` (kernel name -> warps,
-    hope.memory_pass.WARPS) adds an eager Triton variant per precision."""
+    or None) of hope/memory_pass.py at the shapes of `cfg`. Each of `launches` (its name, and a
+    hope.memory_pass.LAUNCH table: kernel name -> launch options) adds an eager Triton variant per
+    precision."""
     from hope import memory_pass as memory_pass_module
     from hope.memory_pass import CudaGraphs, memory_pass
     from hope.projection_step import ReadSpec
@@ -186,13 +187,12 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
         variants.append((f"triton {precision}", "triton", precision, False, {}))
         if device == "cuda":
             variants.append((f"triton {precision} + CUDA graphs", "triton", precision, True, {}))
-        variants += [(f"triton {precision}, warps " + ",".join(f"{k.removesuffix('_kernel')}={n}" for k, n in w.items()),
-                      "triton", precision, False, w) for w in warps]
+        variants += [(f"triton {precision}, {label}", "triton", precision, False, table) for label, table in launches]
     variants += [("compiled", "compiled", None, False, {})] if device == "cuda" else [("torch", "torch", None, False, {})]
     rows = []
-    for name, backend, precision, graphed, variant_warps in variants:
-        memory_pass_module.WARPS.clear()
-        memory_pass_module.WARPS.update(variant_warps)
+    for name, backend, precision, graphed, table in variants:
+        memory_pass_module.LAUNCH.clear()
+        memory_pass_module.LAUNCH.update(table)
         graphs = CudaGraphs() if graphed else None
         fn = lambda *xs: (memory_pass(*xs, spec._replace(precision=precision or "tf32"), backend, C, graphs),)  # noqa: E731
         xs, profiled = [z, W1, W2, readout], backend == "triton" and not graphed
@@ -211,7 +211,7 @@ def time_memory_pass(cfg: HopeConfig, batch: int, seq: int, device: str, precisi
             except Exception as e:
                 profile = [(f"profile {failure(e)}", 1, 0.0)]
         rows.append((name, us, profile))
-    memory_pass_module.WARPS.clear()
+    memory_pass_module.LAUNCH.clear()
     return rows
 
 
@@ -246,9 +246,10 @@ def main():
                    help="time one layer's memory pass (hope/memory_pass.py) over a sequence instead")
     p.add_argument("--seq", type=int, default=2048, help="--pass: sequence length")
     p.add_argument("--precisions", default="tf32,bf16", help="--pass: memory_precision values to time")
-    p.add_argument("--warps", action="append", default=[], metavar="KERNEL=N[,KERNEL=N]",
-                   help="--pass: one more eager Triton variant per precision with these kernels at N warps "
-                        "(hope.memory_pass.WARPS; 4 otherwise); may be repeated")
+    p.add_argument("--launch", action="append", default=[], metavar="KERNEL:OPTION=N[,...]",
+                   help="--pass: one more eager Triton variant per precision with these launch options "
+                        "(hope.memory_pass.LAUNCH; OPTION num_warps or maxnreg, KERNEL a kernel's name or `all`), "
+                        "e.g. chunk_bwd_state_kernel:num_warps=8 or all:maxnreg=168; may be repeated")
     args = p.parse_args()
     if args.memory_pass:
         return main_memory_pass(args)
@@ -295,18 +296,25 @@ def main():
               f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
 
 
-def parse_warps(spec: str) -> dict[str, int]:
-    """'chunk_bwd_state_kernel=8,projection_read_bwd_kernel=8' -> {kernel name: warps}."""
+LAUNCH_OPTIONS = {"num_warps": (1, 2, 4, 8, 16), "maxnreg": range(16, 256)}
+
+
+def parse_launch(spec: str) -> tuple[str, dict[str, dict[str, int]]]:
+    """'chunk_bwd_state_kernel:num_warps=8,all:maxnreg=168' -> (its label, {kernel name: {option: N}});
+    `all` stands for every kernel of hope/'s Triton modules."""
     from hope import triton_chunk, triton_projection
-    kernels = {name for name in dir(triton_chunk) + dir(triton_projection) if name.endswith("_kernel")}
-    warps = {}
+    kernels = sorted(name for name in dir(triton_chunk) + dir(triton_projection) if name.endswith("_kernel"))
+    table = {}
     for item in spec.split(","):
-        name, _, n = item.partition("=")
-        if name not in kernels or n not in ("1", "2", "4", "8", "16"):
-            raise SystemExit(f"--warps: {item!r} is not KERNEL=N with N in 1, 2, 4, 8, 16 and KERNEL one of "
-                             f"{', '.join(sorted(kernels))}")
-        warps[name] = int(n)
-    return warps
+        name, _, option = item.partition(":")
+        option, _, n = option.partition("=")
+        if (name not in kernels and name != "all") or option not in LAUNCH_OPTIONS \
+                or not n.isdigit() or int(n) not in LAUNCH_OPTIONS[option]:
+            raise SystemExit(f"--launch: {item!r} is not KERNEL:OPTION=N with OPTION num_warps (N 1, 2, 4, 8 or 16) "
+                             f"or maxnreg (N 16 to 255), and KERNEL `all` or one of {', '.join(kernels)}")
+        for kernel in kernels if name == "all" else [name]:
+            table.setdefault(kernel, {})[option] = int(n)
+    return spec.replace("_kernel", ""), table
 
 
 def main_memory_pass(args):
@@ -320,13 +328,13 @@ def main_memory_pass(args):
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreted)'} | "
           f"torch {torch.__version__} | {size}: one layer's memory pass (both passes), batch {args.batch} x {seq}, "
           f"H={cfg.num_heads} d={cfg.head_dim} m={cfg.memory_width} C={cfg.chunk_size}, forward + backward")
-    warps = [parse_warps(spec) for spec in getattr(args, "warps", [])]
-    for name, us, breakdown in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps, warps):
+    launches = [parse_launch(spec) for spec in getattr(args, "launch", [])]
+    for name, us, breakdown in time_memory_pass(cfg, args.batch, seq, args.device, precisions, args.reps, launches):
         if isinstance(us, str):
-            print(f"  {name:30s} {us}", flush=True)
+            print(f"  {name:44s} {us}", flush=True)
             continue
         bound = args.batch * seq / (us * 1e-6 * cfg.num_layers)
-        print(f"  {name:30s} {us / 1e3:9.2f} ms per layer  -> {bound:10,.0f} tokens/s for the memories "
+        print(f"  {name:44s} {us / 1e3:9.2f} ms per layer  -> {bound:10,.0f} tokens/s for the memories "
               f"of all {cfg.num_layers} layers alone", flush=True)
         if breakdown:  # the kernels of one profiled forward + backward, against the row's time
             print("\n".join(format_breakdown(us, breakdown, on_cuda=args.device == "cuda")), flush=True)

@@ -1,6 +1,6 @@
 """Compile the Triton kernels of hope/ for a GPU target without a GPU; print their resources.
 
-    python tools/triton_resources.py [--arch 90] [--precision tf32] [--size 64] [--warps 4]
+    python tools/triton_resources.py [--arch 90] [--precision tf32] [--size 64] [--warps 4] [--maxnreg N]
 
 A kernel that needs more shared memory than the device has fails only at its first launch on the
 GPU; this catches it on any machine with Triton (which ships ptxas). H100 (sm_90): 227 KB per block.
@@ -8,7 +8,9 @@ Also printed, from the compiled binary (cuobjdump): registers per thread, the by
 spilled to local memory (the stack), how many programs one SM can hold at once (the least of
 what its 228 KB of shared memory and 64K registers allow) and the instructions of the binary.
 These kernels have no loops, so a program is one long chain of those instructions: programs per
-SM is what hides their latency.
+SM is what hides their latency. --maxnreg caps the registers per thread as
+hope.memory_pass.LAUNCH can (168 lets an SM hold 3 programs of 4 warps, against 2 at 255), the
+rest spilled.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ REGISTERS_PER_SM = 65536
 INTEGERS = {"SX", "SH", "sW", "sK", "sG", "iP", "sZb", "sZx", "sZh", "sZc", "sDb", "sDx", "sDh", "sDc", "B", "H", "VALID"}
 
 
-def compile_kernel(name: str, constants: dict, arch: int, warps: int):
+def compile_kernel(name: str, constants: dict, arch: int, warps: int, maxnreg: int | None = None):
     module, pointers, overrides = KERNELS[name]
     constants = {**constants, **overrides}
     kernel = getattr(module, name)
@@ -56,7 +58,8 @@ def compile_kernel(name: str, constants: dict, arch: int, warps: int):
                        else "constexpr") for i, arg in enumerate(names)}
     constexprs = {(names.index(key),): value for key, value in constants.items() if key in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def binary_resources(compiled) -> tuple[int, int, int]:
@@ -85,6 +88,8 @@ def main():
     p.add_argument("--precision", default="tf32", choices=("ieee", "tf32x3", "tf32", "bf16"))
     p.add_argument("--size", type=int, default=64, help="C = d = m")
     p.add_argument("--warps", type=int, default=4, choices=(4, 8))
+    p.add_argument("--maxnreg", type=int, default=None, help="registers per thread at most (16-255; default: "
+                   "the compiler's choice)")
     p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--ones", action="store_true", help="every runtime integer argument equal to 1: at a launch "
                    "Triton makes such an argument a constant (a Python int, not a tensor), so they must compile so too")
@@ -92,11 +97,14 @@ def main():
     n = args.size
     constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, TARGETS=True, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=True, DECAY=True,
                      PREC=args.precision, **(dict.fromkeys(INTEGERS, 1) if args.ones else {}))
+    if args.maxnreg is not None and not 16 <= args.maxnreg <= 255:
+        p.error(f"--maxnreg: expected 16 to 255 registers per thread, got {args.maxnreg}")
     limit = SHARED_LIMIT.get(args.arch)
-    print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps")
+    print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps"
+          + (f" | at most {args.maxnreg} registers" if args.maxnreg else ""))
     for name in args.kernels.split(","):
         start = time.perf_counter()
-        compiled = compile_kernel(name, constants, args.arch, args.warps)
+        compiled = compile_kernel(name, constants, args.arch, args.warps, args.maxnreg)
         seconds = time.perf_counter() - start
         shared = compiled.metadata.shared
         registers, stack, instructions = binary_resources(compiled)
