@@ -381,7 +381,7 @@ def _triton_forward(W1, W2, k, v, eta, la, q, dgd, act_name, targets, precision:
 
 def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, targets, Ti=None, *, precision: str):
     from .triton_chunk import (chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel,
-                               targets_bwd_kernel)
+                               state_kernel_options, targets_bwd_kernel)
     C, d, m = k.shape[-2], k.shape[-1], W1.shape[-1]
     shape_k, shape_eta = k.shape, eta.shape  # the gradients are per memory; autograd sums shared ones
     k, v, eta, la, SX, SH = _shared_inputs(k, v, eta, la, share=q is None)
@@ -408,7 +408,8 @@ def _triton_backward(W1, W2, k, v, eta, la, q, dgd, dW1n, dW2n, do, act_name, ta
     dk, dvhat = (torch.empty(shape_k, dtype=k.dtype, device=k.device) for _ in range(2))
     deta, dla = (torch.empty(shape_eta, dtype=eta.dtype, device=eta.device) for _ in range(2))
     chunk_bwd_state_kernel[(n,)](W1, W2, k, v, eta, la, Ti, dW1n, dW2n, *partials,
-                                 dW1, dW2, dk, dvhat, deta, dla, iP=0, HAS_Q=q is not None, **shapes)
+                                 dW1, dW2, dk, dvhat, deta, dla, iP=0, HAS_Q=q is not None, **shapes,
+                                 **state_kernel_options(shapes["PREC"]))
     dv = dvhat
     if targets:  # vhat = M(v): dv, and the targets' share added to dW1, dW2
         dv = torch.empty_like(dvhat)

@@ -76,9 +76,9 @@ def _write_backward(backend: str, W1, W2, k, v, eta, la, q, spec: ReadSpec, dW1n
 LAUNCH: dict[str, dict[str, int]] = {}
 
 
-def _launch(kernel, grid: tuple):
-    """kernel[grid] with its launch options (LAUNCH)."""
-    return functools.partial(kernel[grid], **{"num_warps": 4, **LAUNCH.get(kernel.__name__, {})})
+def _launch(kernel, grid: tuple, **defaults):
+    """kernel[grid] with its launch options: LAUNCH's, over `defaults` and 4 warps."""
+    return functools.partial(kernel[grid], **{"num_warps": 4, **defaults, **LAUNCH.get(kernel.__name__, {})})
 
 
 def _triton_forward_loop(z, W1, W2, readout, spec: ReadSpec, C: int):
@@ -128,7 +128,7 @@ def _chunk_strides(W1s, kvq, gates) -> tuple[int, int, int]:
 def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
     """_backward_loop with the Triton kernels called directly, on work buffers allocated once."""
     from .triton_chunk import (chunk_bwd_readout1_kernel, chunk_bwd_readout2_kernel, chunk_bwd_state_kernel,
-                               targets_bwd_kernel)
+                               state_kernel_options, targets_bwd_kernel)
     from .triton_projection import projection_read_bwd_kernel
     W1s, W2s, kvq, gates, Ti = saved
     B, X, H, T, d = z.shape
@@ -162,7 +162,7 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
         after, before = (n - 1 - i) % 2, (n - i) % 2
         k, v, q = kvq[i]
         eta, la = gates[i]
-        _launch(chunk_bwd_state_kernel, (B * 6 * H,))(
+        _launch(chunk_bwd_state_kernel, (B * 6 * H,), **state_kernel_options(shapes["PREC"]))(
             W1s[i], W2s[i], k, v, eta, la, Ti[i], dW1[after], dW2[after], *partials,
             dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H, i * B * H, HAS_Q=True, **shapes)
         if spec.targets:

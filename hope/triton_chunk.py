@@ -162,10 +162,9 @@ def delta_rule_inverse_kernel(K, ETA, LA, TI, C: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _values(V, w1, w2, kcd, TARGETS: tl.constexpr, PREC: tl.constexpr):
+def _values(v, w1, w2, TARGETS: tl.constexpr, PREC: tl.constexpr):
     """The values the chunk writes: v, or with TARGETS the self-generated targets
     vhat = M_c(v) = v + W1 silu(W2 v) under the chunk-start state (recomputed where needed)."""
-    v = tl.load(V + kcd)
     if TARGETS:
         av = _dot(v, tl.trans(w2), PREC)
         v = v + _dot(av * tl.sigmoid(av), tl.trans(w1), PREC)
@@ -200,7 +199,7 @@ def chunk_fwd_kernel(W1, W2, K, V, ETA, LA, Q, TI, W1N, W2N, O,
     k = tl.load(K + kcd)
     eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(tl.load(V + kcd), w1, w2, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
     DC = GC * eta
@@ -245,7 +244,7 @@ def chunk_readout_kernel(W1, W2, K, V, ETA, LA, Q, TI, O, SX, SH, sW, sK, sG,
     W1, W2, K, V, Q, ETA, LA, TI, iP = _chunk_of_pass(W1, W2, K, V, Q, ETA, LA, TI, sW, sK, sG, C)
     n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, k, eta = _reader(W1, W2, K, ETA, SX, SH, C, D, M)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(tl.load(V + kcd), w1, w2, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     tl.store(O + iP * C * D + kcd, _readout_o(tl.load(Q + kcd), k, w1, w2, h, r, u, E, G, lg, eta, DGD, PREC))
 
 
@@ -261,7 +260,7 @@ def chunk_bwd_readout1_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO,
     DETAP, DLGP = DETAP + iP * C, DLGP + iP * C
     n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, k, eta = _reader(W1, W2, K, ETA, SX, SH, C, D, M)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(tl.load(V + kcd), w1, w2, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     qk, Y, z = _readout_z(tl.load(Q + kcd), k, w2, u, E, G, Dm, g, DGD, PREC)
@@ -297,7 +296,7 @@ def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
     DUP, DEP, DETAP, DLGP = DUP + iP * C * M, DEP + iP * C * M, DETAP + iP * C, DLGP + iP * C
     n, rc, kcd, kcv, nk, gcm, gdm, gmd, w1, w2, k, eta = _reader(W1, W2, K, ETA, SX, SH, C, D, M)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(tl.load(V + kcd), w1, w2, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     g = tl.exp(lg)
     Dm = G * eta[None, :]
     q = tl.load(Q + kcd)
@@ -329,12 +328,22 @@ def chunk_bwd_readout2_kernel(W1, W2, K, V, ETA, LA, Q, TI, DO, DZ,
     tl.store(DLGP + kcv, tl.load(DLGP + kcv) + tl.sum(dGG, 1) - tl.sum(dGG, 0) + dg * g)
 
 
+def state_kernel_options(PREC: str) -> dict:
+    """chunk_bwd_state_kernel's REMAT: on where fp32 operand tiles make shared memory bound its
+    programs per SM; off at bf16, where registers bound them (2 per SM either way) and rematerializing
+    only adds instructions (tools/triton_resources.py --remat 0|1 under the GPU's Triton 3.6, sm_90,
+    bf16: 4,408 -> 4,504 B spilled, 13,280 -> 15,248 instructions; tf32: 4,752 -> 4,520 B spilled,
+    1 -> 2 programs per SM). hope.memory_pass.LAUNCH may set it otherwise, for the GPU to decide."""
+    return {"REMAT": not PREC.startswith("bf16")}
+
+
 @triton.jit
 def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
                            DW1P, DW2P, DKP, DRP, DHP, DUP, DEP, DETAP, DLGP,
                            DW1, DW2, DK, DVH, DETA, DLA,
                            SX, SH, iP, C: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                           DGD: tl.constexpr, HAS_Q: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr):
+                           DGD: tl.constexpr, HAS_Q: tl.constexpr, TARGETS: tl.constexpr, PREC: tl.constexpr,
+                           REMAT: tl.constexpr):
     """Adjoint of the chunk-end state, the delta rule, the gates and the inner gradients.
 
     Ordered to keep few tiles live at once (each [64, 64] fp32 tile is 32 registers per thread of
@@ -350,7 +359,7 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
     k = tl.load(K + kcd)
     eta = tl.load(ETA + kcv)
     lg, lgp, G, Gp, lgC, strict, a, sig, h, sp, r, p, u, Ti, kk, inner, E = _recompute(
-        w1, w2, k, _values(V, w1, w2, kcd, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
+        w1, w2, k, _values(tl.load(V + kcd), w1, w2, TARGETS, PREC), eta, tl.load(LA + kcv), TI, nk, rc, C, DGD, PREC)
     gp = tl.exp(lgp)
     gC = tl.exp(lgC)
     GC = tl.exp(lgC - lg)  # last rows of G and D
@@ -407,6 +416,14 @@ def chunk_bwd_state_kernel(W1, W2, K, V, ETA, LA, TI, DW1N, DW2N,
         dlgp = tl.zeros([C], dtype=tl.float32)
 
     # ---- chunk-end state, W1's half: W1n = gC W1 - (r*D_C)^T h
+    if REMAT:  # the forward's a, h, r, p again from the state reloaded (volatile: a plain load would
+        # be merged with the first), so that they are not held through the delta rule: their dots'
+        # operands take 115 KB of shared memory instead of 180 at tf32, 2 programs per SM instead of 1
+        w1, w2, k = tl.load(W1 + dm, volatile=True), tl.load(W2 + md, volatile=True), tl.load(K + kcd, volatile=True)
+        a = _dot(k, tl.trans(w2), PREC)
+        h = a * tl.sigmoid(a)
+        r = k + _dot(h, tl.trans(w1), PREC) - _values(tl.load(V + kcd, volatile=True), w1, w2, TARGETS, PREC)
+        p = _dot(r, w1, PREC)
     dw1n = tl.load(DW1N + dm)
     dgC += tl.sum(tl.sum(dw1n * w1, 1), 0)
     dR = -_dot(h, tl.trans(dw1n), PREC)

@@ -319,17 +319,20 @@ def test_bench_chunk_times_the_memory_pass_per_precision(capsys):
     assert memory_pass.LAUNCH == {}
     with pytest.raises(SystemExit, match="fp8"):
         bench.main_memory_pass(argparse.Namespace(**args, precisions="fp8", launch=[]))
-    for bad in ("state:num_warps=8", "all:num_warps=3", "all:maxnreg=256", "all:registers=168", "all=8"):
+    for bad in ("state:num_warps=8", "all:num_warps=3", "all:maxnreg=256", "all:registers=168", "all=8",
+                "all:REMAT=1", "chunk_fwd_kernel:REMAT=1", "chunk_bwd_state_kernel:REMAT=2"):
         with pytest.raises(SystemExit, match="KERNEL:OPTION=N"):
             bench.main_memory_pass(argparse.Namespace(**args, precisions="tf32", launch=[bad]))
-    label, table = bench.parse_launch("all:maxnreg=168,chunk_bwd_state_kernel:num_warps=8")
-    assert label == "all:maxnreg=168,chunk_bwd_state:num_warps=8", label
-    assert table["chunk_bwd_state_kernel"] == {"maxnreg": 168, "num_warps": 8}, table
+    label, table = bench.parse_launch("all:maxnreg=168,chunk_bwd_state_kernel:num_warps=8,"
+                                      "chunk_bwd_state_kernel:REMAT=0")
+    assert label == "all:maxnreg=168,chunk_bwd_state:num_warps=8,chunk_bwd_state:REMAT=0", label
+    assert table["chunk_bwd_state_kernel"] == {"maxnreg": 168, "num_warps": 8, "REMAT": 0}, table
     assert table["chunk_fwd_kernel"] == {"maxnreg": 168} and len(table) >= 9, table
 
 
 def test_memory_pass_launches_each_kernel_with_the_options_of_its_table(monkeypatch):
-    """hope.memory_pass.LAUNCH sets a kernel's launch options (4 warps and no register cap otherwise)."""
+    """hope.memory_pass.LAUNCH sets a kernel's launch options (4 warps and no register cap otherwise),
+    over the defaults of its launch (the state kernel's REMAT)."""
     from hope import memory_pass
     launches = []
 
@@ -340,13 +343,13 @@ def test_memory_pass_launches_each_kernel_with_the_options_of_its_table(monkeypa
         def __getitem__(self, grid):
             return lambda *args, **options: launches.append((self.__name__, grid, options))
 
-    monkeypatch.setitem(memory_pass.LAUNCH, "chunk_bwd_state_kernel", {"num_warps": 8, "maxnreg": 168})
+    monkeypatch.setitem(memory_pass.LAUNCH, "chunk_bwd_state_kernel", {"num_warps": 8, "maxnreg": 168, "REMAT": 0})
     monkeypatch.setitem(memory_pass.LAUNCH, "targets_bwd_kernel", {"maxnreg": 128})
     for name in ("chunk_bwd_state_kernel", "targets_bwd_kernel", "chunk_fwd_kernel"):
-        memory_pass._launch(Kernel(name), (6,))(1, 2)
-    assert launches == [("chunk_bwd_state_kernel", (6,), {"num_warps": 8, "maxnreg": 168}),
-                        ("targets_bwd_kernel", (6,), {"num_warps": 4, "maxnreg": 128}),
-                        ("chunk_fwd_kernel", (6,), {"num_warps": 4})], launches
+        memory_pass._launch(Kernel(name), (6,), REMAT=1)(1, 2)
+    assert launches == [("chunk_bwd_state_kernel", (6,), {"num_warps": 8, "maxnreg": 168, "REMAT": 0}),
+                        ("targets_bwd_kernel", (6,), {"num_warps": 4, "maxnreg": 128, "REMAT": 1}),
+                        ("chunk_fwd_kernel", (6,), {"num_warps": 4, "REMAT": 1})], launches
 
 
 @needs_triton
@@ -378,9 +381,13 @@ def test_memory_precision_reaches_every_triton_launch(monkeypatch):
 
 @needs_triton
 @interpreted
-@pytest.mark.parametrize("length,chunk", [(21, 8), (32, 16)])
-def test_model_with_triton_kernels_equals_reference(length, chunk, monkeypatch):
-    """Chunks of 8 run padded to 16, one op per chunk and pass; 2 chunks of 16: both passes in one op."""
+@pytest.mark.parametrize("length,chunk,remat", [(21, 8, None), (32, 16, None), (32, 16, 0)])
+def test_model_with_triton_kernels_equals_reference(length, chunk, remat, monkeypatch):
+    """Chunks of 8 run padded to 16, one op per chunk and pass; 2 chunks of 16: both passes in one op.
+    tf32 rematerializes in the state kernel (triton_chunk.state_kernel_options); LAUNCH turns it off."""
+    from hope import memory_pass
+    if remat is not None:
+        monkeypatch.setitem(memory_pass.LAUNCH, "chunk_bwd_state_kernel", {"REMAT": remat})
     ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(0))
     ref_loss, ref_grads = loss_and_grads(small_hope("reference", chunk_size=chunk, projection_chunk_size=chunk), ids)
     passes = count_memory_passes(monkeypatch)
@@ -520,6 +527,21 @@ def test_a_register_cap_lets_an_sm_hold_three_programs():
     found = re.search(r"registers +(\d+) +spilled +([\d,]+) B +programs/SM (\d)", lines[0])
     assert found and int(found[1]) <= 168 and int(found[2].replace(",", "")) > 0 and found[3] == "3", stdout
     assert "at most 168 registers" in stdout, stdout
+
+
+@needs_triton
+@pytest.mark.slow
+def test_rematerializing_lets_an_sm_hold_two_state_kernels_at_tf32():
+    """The state kernel's REMAT (on at tf32: triton_chunk.state_kernel_options) recomputes four tiles
+    instead of holding them through the delta rule: their operands' shared memory no longer adds up,
+    and an SM holds 2 of its programs instead of 1."""
+    found = {}
+    for remat in ("0", "1"):
+        lines, stdout = triton_resources("--precision", "tf32", "--kernels", "chunk_bwd_state_kernel", "--remat", remat)
+        found[remat] = re.search(r"shared +([\d,]+) B.*programs/SM (\d)", lines[0])
+        assert found[remat] and f"REMAT={remat}" in stdout, stdout
+    assert found["0"][2] == "1" and found["1"][2] == "2", (found["0"][0], found["1"][0])
+    assert int(found["1"][1].replace(",", "")) < 0.7 * int(found["0"][1].replace(",", "")), found
 
 
 @gpu

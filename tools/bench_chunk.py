@@ -248,8 +248,9 @@ def main():
     p.add_argument("--precisions", default="tf32,bf16", help="--pass: memory_precision values to time")
     p.add_argument("--launch", action="append", default=[], metavar="KERNEL:OPTION=N[,...]",
                    help="--pass: one more eager Triton variant per precision with these launch options "
-                        "(hope.memory_pass.LAUNCH; OPTION num_warps or maxnreg, KERNEL a kernel's name or `all`), "
-                        "e.g. chunk_bwd_state_kernel:num_warps=8 or all:maxnreg=168; may be repeated")
+                        "(hope.memory_pass.LAUNCH; OPTION num_warps, maxnreg or the state kernel's REMAT, KERNEL "
+                        "a kernel's name or `all`), e.g. chunk_bwd_state_kernel:num_warps=8 or all:maxnreg=168; "
+                        "may be repeated")
     args = p.parse_args()
     if args.memory_pass:
         return main_memory_pass(args)
@@ -296,7 +297,8 @@ def main():
               f"{us * cfg.num_layers * 2048 / C / 1e3:.0f} ms per step of 2K sequences", flush=True)
 
 
-LAUNCH_OPTIONS = {"num_warps": (1, 2, 4, 8, 16), "maxnreg": range(16, 256)}
+LAUNCH_OPTIONS = {"num_warps": (1, 2, 4, 8, 16), "maxnreg": range(16, 256), "REMAT": (0, 1)}
+OPTION_OF_ONE_KERNEL = {"REMAT": "chunk_bwd_state_kernel"}  # a constexpr of that kernel alone
 
 
 def parse_launch(spec: str) -> tuple[str, dict[str, dict[str, int]]]:
@@ -309,9 +311,11 @@ def parse_launch(spec: str) -> tuple[str, dict[str, dict[str, int]]]:
         name, _, option = item.partition(":")
         option, _, n = option.partition("=")
         if (name not in kernels and name != "all") or option not in LAUNCH_OPTIONS \
-                or not n.isdigit() or int(n) not in LAUNCH_OPTIONS[option]:
-            raise SystemExit(f"--launch: {item!r} is not KERNEL:OPTION=N with OPTION num_warps (N 1, 2, 4, 8 or 16) "
-                             f"or maxnreg (N 16 to 255), and KERNEL `all` or one of {', '.join(kernels)}")
+                or not n.isdigit() or int(n) not in LAUNCH_OPTIONS[option] \
+                or OPTION_OF_ONE_KERNEL.get(option, name) != name:
+            raise SystemExit(f"--launch: {item!r} is not KERNEL:OPTION=N with OPTION num_warps (N 1, 2, 4, 8 or 16), "
+                             f"maxnreg (N 16 to 255) or, for chunk_bwd_state_kernel, REMAT (0 or 1), and KERNEL "
+                             f"`all` or one of {', '.join(kernels)}")
         for kernel in kernels if name == "all" else [name]:
             table.setdefault(kernel, {})[option] = int(n)
     return spec.replace("_kernel", ""), table

@@ -25,9 +25,10 @@
 #             as train.compile): HOPE's dense work fused around its memory loops, against the
 #             compiled Transformer++ (the 159K tokens/s row)
 #   memory-pass  one layer's memory pass per precision, with every kernel capped at 168 registers
-#             (3 programs per SM instead of 2: the six writes in one wave at 340M, 4 x 2K) and with
-#             the state kernel at 8 warps, each eager Triton row profiled (bench_chunk --pass): what
-#             to work on next, and the launch options to keep (hope.memory_pass.LAUNCH)
+#             (3 programs per SM instead of 2: the six writes in one wave at 340M, 4 x 2K), with the
+#             state kernel's REMAT on (the default at tf32 only) and with it at 8 warps, each eager
+#             Triton row profiled (bench_chunk --pass): what to work on next, and the launch options
+#             to keep (hope.memory_pass.LAUNCH)
 # Everything lands in $OUT (8 files at most come back): summary.txt (the device, then each part's exit
 # status and the tail of its log), a log per part (340M-2K-compiled in 340M-2K.log), and results.json
 # (every bench_throughput report).
@@ -110,4 +111,4 @@ part 340M-4K 70 $(bench 340M 4096 2 --checkpoint-layers off)
 part 1.3B-2K 70 $(bench 1.3B 2048 2 --checkpoint-layers off)
 LOG=340M-2K part 340M-2K-compiled 100 $(bench 340M 2048 4 --checkpoint-layers off --compile)
 part memory-pass 90 python3 tools/bench_chunk.py --size 340M --batch 4 --pass --precisions bf16,tf32 --reps 5 \
-    --launch all:maxnreg=168 --launch chunk_bwd_state_kernel:num_warps=8
+    --launch all:maxnreg=168 --launch chunk_bwd_state_kernel:REMAT=1 --launch chunk_bwd_state_kernel:num_warps=8

@@ -90,18 +90,23 @@ def main():
     p.add_argument("--warps", type=int, default=4, choices=(4, 8))
     p.add_argument("--maxnreg", type=int, default=None, help="registers per thread at most (16-255; default: "
                    "the compiler's choice)")
+    p.add_argument("--remat", type=int, choices=(0, 1), default=None, help="the state kernel's REMAT (default: "
+                   "as hope.triton_chunk.state_kernel_options sets it for the precision)")
     p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--ones", action="store_true", help="every runtime integer argument equal to 1: at a launch "
                    "Triton makes such an argument a constant (a Python int, not a tensor), so they must compile so too")
     args = p.parse_args()
     n = args.size
     constants = dict(C=n, D=n, M=n, LOG2C=n.bit_length() - 1, DGD=True, HAS_Q=True, TARGETS=True, NS=6, WRITES=6, HAS_MAIN=False, UNIT_V=True, DECAY=True,
-                     PREC=args.precision, **(dict.fromkeys(INTEGERS, 1) if args.ones else {}))
+                     PREC=args.precision, **(dict.fromkeys(INTEGERS, 1) if args.ones else {}),
+                     **triton_chunk.state_kernel_options(args.precision))
+    if args.remat is not None:
+        constants["REMAT"] = bool(args.remat)
     if args.maxnreg is not None and not 16 <= args.maxnreg <= 255:
         p.error(f"--maxnreg: expected 16 to 255 registers per thread, got {args.maxnreg}")
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__} | sm_{args.arch} | C=d=m={n} | {args.precision} | {args.warps} warps"
-          + (f" | at most {args.maxnreg} registers" if args.maxnreg else ""))
+          + (f" | at most {args.maxnreg} registers" if args.maxnreg else "") + f" | REMAT={int(constants['REMAT'])}")
     for name in args.kernels.split(","):
         start = time.perf_counter()
         compiled = compile_kernel(name, constants, args.arch, args.warps, args.maxnreg)
