@@ -158,11 +158,12 @@ def _triton_backward_loop(z, readout, saved, do, spec: ReadSpec, C: int):
         *inputs, dzr, dq, dW2p, dkp, dup, dEp, detap, dlgp, 6, H, *strides, **shapes)
     partials = (dW1p, dW2p, dkp, drp, dhp, dup, dEp, detap, dlgp)  # the state kernel finds chunk i's (i B H):
     # a view per partial and chunk cost more host time than the launches (bench_chunk.py --host)
+    state_options = state_kernel_options(shapes["PREC"])
     for i in reversed(range(n)):
         after, before = (n - 1 - i) % 2, (n - i) % 2
         k, v, q = kvq[i]
         eta, la = gates[i]
-        _launch(chunk_bwd_state_kernel, (B * 6 * H,), **state_kernel_options(shapes["PREC"]))(
+        _launch(chunk_bwd_state_kernel, (B * 6 * H,), **state_options)(
             W1s[i], W2s[i], k, v, eta, la, Ti[i], dW1[after], dW2[after], *partials,
             dW1[before], dW2[before], dk, dvhat, deta, dla, 6, H, i * B * H, HAS_Q=True, **shapes)
         if spec.targets:
