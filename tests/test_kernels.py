@@ -521,8 +521,9 @@ def test_triton_kernels_compile_with_integer_arguments_equal_to_one():
 @needs_triton
 def test_a_register_cap_lets_an_sm_hold_three_programs():
     """--maxnreg 168 (what hope.memory_pass.LAUNCH's maxnreg sets at a launch) reaches the compiled
-    binary: targets_bwd_kernel, 249 registers and nothing spilled uncapped (2 programs of 4 warps
-    per SM), keeps to 168 registers and spills the rest, and an SM holds 3 of its programs."""
+    binary: targets_bwd_kernel, ~250 registers and nothing spilled uncapped (249 under Triton 3.9, 253
+    under the GPU image's 3.6; 2 programs of 4 warps per SM), keeps to 168 registers and spills the
+    rest, and an SM holds 3 of its programs."""
     lines, stdout = triton_resources("--precision", "bf16", "--kernels", "targets_bwd_kernel", "--maxnreg", "168")
     found = re.search(r"registers +(\d+) +spilled +([\d,]+) B +programs/SM (\d)", lines[0])
     assert found and int(found[1]) <= 168 and int(found[2].replace(",", "")) > 0 and found[3] == "3", stdout
